@@ -1,0 +1,66 @@
+# Every target creates or reuses .venv by itself: `make demo` and `make test` work on a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# The stamp changes whenever pyproject.toml does, so a dependency change reinstalls.
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+export RAY_USAGE_STATS_ENABLED ?= 0
+export HF_HUB_OFFLINE ?= 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: venv ls-venv demo test e2e lint format bench bench-db bench-interactive clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: a looser requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip check
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+# Label Studio's own pins clash with ours, so the real server used by the e2e tests lives in .venv-ls.
+LS_VENV := .venv-ls
+LS_VERSION := 1.23.2
+LS_STAMP := $(LS_VENV)/.installed-label-studio-$(LS_VERSION)
+
+ls-venv: $(LS_STAMP)  ## Label Studio $(LS_VERSION) in its own virtualenv (for tests/fixtures/label_studio.py)
+
+$(LS_STAMP):
+	@test -x $(LS_VENV)/bin/python || $(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install -q --upgrade pip
+	$(LS_VENV)/bin/pip install -q label-studio==$(LS_VERSION)
+	@rm -f $(LS_VENV)/.installed-*
+	@touch $@
+
+demo: venv  ## segment the bundled sample images with the embedded defaults
+	$(BIN)/seemly demo
+
+test: venv ls-venv  ## the whole test suite (needs PostgreSQL at 127.0.0.1:5432; .ci/run starts it)
+	$(BIN)/python -m pytest
+
+e2e: venv ls-venv  ## only the end-to-end tests against a real Label Studio server
+	$(BIN)/python -m pytest -m e2e
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench-db: venv
+	$(BIN)/python benchmarks/db_write.py
+
+bench-interactive: venv
+	$(BIN)/seemly bench interactive --markdown docs/_interactive.md
+
+bench: bench-db bench-interactive
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
