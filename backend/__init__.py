@@ -1,0 +1,1 @@
+"""The Label Studio ML backend: Label Studio JSON ⇄ seemly types, sessions, webhooks (docs/backend.md)."""

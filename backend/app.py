@@ -1,0 +1,347 @@
+"""The Label Studio ML backend as a Flask app: routes, authentication, body limits, error answers.
+
+Routes (label-studio-ml's contract, see :mod:`backend.compat`):
+
+=================  ===========================================================================
+``GET /health``    ``{"status": "UP", ...}`` from memory (Label Studio allows 1 s); also ``GET /``
+``POST /setup``    validates the labeling config, keeps Label Studio's URL + token, persists them
+                   in the ``projects`` row; answers ``{"model_version": ...}`` (no model loading)
+``POST /predict``  interactive (``params.context``) or batch; :mod:`backend.predict`
+``POST /webhook``  annotation events and ``START_TRAINING``; :mod:`backend.webhooks`
+``POST /train``    the pre-1.4 training call, recorded like ``START_TRAINING``
+``/versions``      the model version this backend serves
+``GET /metrics``   cache, session and history-writer counters (no secrets)
+=================  ===========================================================================
+
+Every failure is JSON ``{"error": "..."}`` with a 4xx status for client mistakes (see
+:mod:`backend.errors`). Bodies are read by hand: at most ``SEEMLY_MAX_REQUEST_BYTES`` (413 past it,
+also for chunked bodies), parsed as JSON whatever the Content-Type says (400 if malformed).
+Optional HTTP basic auth (``SEEMLY_BACKEND_BASIC_AUTH_USER`` / ``..._PASSWORD``) guards every route;
+Label Studio sends it when the ML backend URL is ``http://user:pass@host:9090``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Flask, Response, g, jsonify, request
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from werkzeug.exceptions import HTTPException
+
+from backend import compat, logs
+from backend.errors import ApiError, from_exception
+from backend.fetch import ImageFetcher
+from backend.history import HistoryWriter, TrainingRequestRecord, WriterContext
+from backend.ls_format import ls_project_id
+from backend.predict import Predictor
+from backend.projects import ProjectRegistry
+from backend.segmenter import InProcessSegmenter, SegmenterClient
+from backend.sessions import SessionStore
+from backend.webhooks import TRAINING_NOTE, WebhookHandler
+from seemly.config import Settings, get_settings
+from seemly.db.session import make_engine
+from seemly.prompts import PromptError
+from seemly.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BackendOptions:
+    """Tuning of one backend process (CLI flags; defaults suit one annotation team)."""
+
+    embed_cache_mb: int = 1024
+    max_sessions: int = 2000
+    session_idle_seconds: float = 3600.0
+    history_queue: int = 10_000
+    warm_up: bool = True
+    """Import the lazily loaded codecs and run the engine once on a tiny image in a background thread
+    at start-up, so the first annotator's click does not pay for it (about 1.5 s on CPU)."""
+
+
+@dataclass
+class Backend:
+    """Everything one app owns; nothing here is process-global."""
+
+    settings: Settings
+    db: Engine
+    storage: Storage
+    segmenter: SegmenterClient
+    fetcher: ImageFetcher
+    sessions: SessionStore
+    projects: ProjectRegistry
+    history: HistoryWriter
+    predictor: Predictor
+    webhooks: WebhookHandler
+    started: float = field(default_factory=time.time)
+
+    def secrets(self) -> Iterable[str]:
+        """Every secret this process knows, for log redaction."""
+        s = self.settings
+        for value in (
+            s.label_studio_api_key,
+            s.backend_basic_auth_password,
+            s.s3_secret_access_key,
+            s.s3_access_key_id,
+        ):
+            if value is not None:
+                yield value.get_secret_value()
+        yield from list(self.projects.secrets)
+
+    def warm_up(self) -> None:
+        """Load what the first interactive request would otherwise load (see ``BackendOptions.warm_up``)."""
+        started = time.perf_counter()
+        try:
+            import numpy as np
+
+            from seemly.masks import Mask
+            from seemly.prompts import PromptRound
+
+            Mask.full(4, 4).to_ls_brush_rle()  # imports label_studio_sdk.converter (~1.3 s)
+            Mask.full(4, 4).to_polygons()
+            engine = getattr(self.segmenter, "engine", None)
+            if engine is not None:  # the engine itself, not the cache: stats and budget stay untouched
+                image = np.zeros((32, 32, 3), np.uint8)
+                image[8:24, 8:24] = 200
+                state = engine.embed(image, "0" * 64)
+                engine.segment(
+                    state, PromptRound.model_validate({"prompts": [{"kind": "click", "x": 16, "y": 16}]})
+                )
+        except Exception:  # warming up is an optimisation: never fatal
+            log.warning("warm-up failed", exc_info=True)
+        else:
+            log.debug("warmed up in %.2f s", time.perf_counter() - started)
+
+    def close(self) -> None:
+        """Write the queued history, stop the writer thread and close database connections."""
+        self.history.close()
+        self.db.dispose()
+
+
+def _engine_name(segmenter: SegmenterClient, settings: Settings) -> str:
+    engine = getattr(segmenter, "engine", None)
+    return str(getattr(engine, "name", settings.engine))
+
+
+def build_backend(
+    settings: Settings | None = None,
+    *,
+    options: BackendOptions | None = None,
+    db: Engine | None = None,
+    storage: Storage | None = None,
+    segmenter: SegmenterClient | None = None,
+) -> Backend:
+    """Wire the components (cheap: no image is read and no model is run here)."""
+    settings = settings or get_settings()
+    options = options or BackendOptions()
+    db = db or make_engine(settings.database_url)
+    storage = storage or Storage.from_settings(settings)
+    if segmenter is None:
+        from seemly.engines.base import create_engine
+
+        engine_options: dict[str, Any] = {}
+        if settings.engine != "classic":
+            engine_options = {"checkpoint": settings.engine_checkpoint, "device": settings.device}
+        segmenter = InProcessSegmenter(
+            create_engine(settings.engine, **engine_options), cache_bytes=options.embed_cache_mb * 1024 * 1024
+        )
+    fetcher = ImageFetcher(storage, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes)
+    sessions = SessionStore(max_sessions=options.max_sessions, idle_seconds=options.session_idle_seconds)
+    projects = ProjectRegistry(db, storage, settings)
+    history = HistoryWriter(
+        db,
+        WriterContext(fetcher, projects.parse, _engine_name(segmenter, settings)),
+        max_queue=options.history_queue,
+    )
+    predictor = Predictor(
+        segmenter=segmenter, fetcher=fetcher, sessions=sessions, projects=projects, history=history, db=db
+    )
+    return Backend(
+        settings=settings,
+        db=db,
+        storage=storage,
+        segmenter=segmenter,
+        fetcher=fetcher,
+        sessions=sessions,
+        projects=projects,
+        history=history,
+        predictor=predictor,
+        webhooks=WebhookHandler(history, sessions, projects),
+    )
+
+
+def backend_of(app: Flask) -> Backend:
+    return app.extensions["seemly"]
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    options: BackendOptions | None = None,
+    db: Engine | None = None,
+    storage: Storage | None = None,
+    segmenter: SegmenterClient | None = None,
+) -> Flask:
+    """The WSGI app; ``backend_of(app)`` gives its components (tests flush the history through it)."""
+    backend = build_backend(settings, options=options, db=db, storage=storage, segmenter=segmenter)
+    settings = backend.settings
+    app = Flask("seemly_backend")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.config["JSON_SORT_KEYS"] = False
+    app.extensions["seemly"] = backend
+    logs.install(backend.secrets)
+    if (options or BackendOptions()).warm_up:
+        threading.Thread(target=backend.warm_up, name="seemly-warm-up", daemon=True).start()
+
+    auth_user = settings.backend_basic_auth_user
+    auth_password = settings.backend_basic_auth_password
+    if bool(auth_user) != bool(auth_password):
+        raise ValueError(
+            "set both SEEMLY_BACKEND_BASIC_AUTH_USER and SEEMLY_BACKEND_BASIC_AUTH_PASSWORD, or neither"
+        )
+
+    # --- request plumbing ----------------------------------------------------------------------
+
+    @app.before_request
+    def _start() -> Response | None:
+        g.started = time.perf_counter()
+        if auth_user and auth_password:
+            given = request.authorization
+            ok = (
+                given is not None
+                and given.type == "basic"
+                and hmac.compare_digest((given.username or "").encode(), auth_user.encode())
+                and hmac.compare_digest(
+                    (given.password or "").encode(), auth_password.get_secret_value().encode()
+                )
+            )
+            if not ok:
+                response = jsonify(error="authentication required: this ML backend uses HTTP basic auth")
+                response.status_code = 401
+                response.headers["WWW-Authenticate"] = 'Basic realm="seemly ML backend"'
+                return response
+        return None
+
+    @app.after_request
+    def _finish(response: Response) -> Response:
+        elapsed = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000.0
+        response.headers["X-Seemly-Elapsed-Ms"] = f"{elapsed:.1f}"
+        log.debug("%s %s -> %s in %.1f ms", request.method, request.path, response.status_code, elapsed)
+        return response
+
+    def body() -> dict[str, Any]:
+        limit = settings.max_request_bytes
+        declared = request.content_length
+        if declared is not None and declared > limit:
+            raise ApiError(
+                413,
+                f"the request body is {declared} bytes, over the limit of {limit} (SEEMLY_MAX_REQUEST_BYTES)",
+            )
+        data = request.stream.read(limit + 1)
+        if len(data) > limit:
+            raise ApiError(
+                413, f"the request body is over the limit of {limit} bytes (SEEMLY_MAX_REQUEST_BYTES)"
+            )
+        if not data.strip():
+            raise ApiError(400, "the request body is empty: expected a JSON object")
+        try:
+            parsed = json.loads(data)
+        except UnicodeDecodeError:
+            raise ApiError(400, "malformed JSON: the body is not UTF-8 text") from None
+        except ValueError as exc:
+            raise ApiError(400, f"malformed JSON: {exc}") from None
+        except RecursionError:
+            raise ApiError(400, "malformed JSON: nested too deeply") from None
+        if not isinstance(parsed, dict):
+            raise ApiError(400, f"expected a JSON object, got a JSON {type(parsed).__name__}")
+        return parsed
+
+    @app.errorhandler(Exception)
+    def _error(exc: Exception) -> tuple[Response, int]:
+        error = from_exception(exc)
+        if error is None and isinstance(exc, HTTPException):
+            code = exc.code or 500
+            if code == 413:
+                error = ApiError(
+                    413, f"the request body is over the limit of {settings.max_request_bytes} bytes"
+                )
+            else:
+                error = ApiError(code, f"{exc.name}: {exc.description}")
+        if error is None and isinstance(exc, SQLAlchemyError):
+            log.warning("database error on %s %s: %s", request.method, request.path, type(exc).__name__)
+            error = ApiError(503, "the seemly database is unavailable; try again")
+        if error is None:
+            log.exception("unexpected error on %s %s", request.method, request.path)
+            error = ApiError(500, "internal error in the seemly backend (details are in its log)")
+        elif error.status >= 500:
+            log.warning("%s %s -> %s: %s", request.method, request.path, error.status, error.message)
+        else:
+            log.info("%s %s -> %s: %s", request.method, request.path, error.status, error.message)
+        return jsonify(error.body()), error.status
+
+    # --- routes ----------------------------------------------------------------------------------
+
+    @app.route("/", methods=["GET"])
+    @app.route("/health", methods=["GET"])
+    def health() -> Response:
+        return jsonify(compat.health_body(backend.segmenter.model_version))
+
+    @app.route("/setup", methods=["POST"])
+    def setup() -> Response:
+        data = body()
+        project = ls_project_id(data.get("project"))
+        schema = data.get("schema", data.get("label_config"))
+        if not isinstance(schema, str) or not schema.strip():
+            raise PromptError("schema", "the labeling config (schema) is missing")
+        hostname = data.get("hostname") or None
+        token = data.get("access_token") or None
+        if hostname is not None and not isinstance(hostname, str):
+            raise PromptError("hostname", "must be Label Studio's URL as a string")
+        if token is not None and not isinstance(token, str):
+            raise PromptError("access_token", "must be a string")
+        backend.projects.setup(project, schema, hostname, token, data.get("extra_params"))
+        return jsonify(compat.setup_body(backend.segmenter.model_version))
+
+    @app.route("/predict", methods=["POST"])
+    def predict() -> Response:
+        return jsonify(backend.predictor.predict(body()))
+
+    @app.route("/webhook", methods=["POST"])
+    def webhook() -> Response:
+        return jsonify(backend.webhooks.handle(body()))
+
+    @app.route("/train", methods=["POST"])
+    def train() -> Response:
+        data = body()
+        project = ls_project_id(data.get("project"))
+        if not backend.history.submit(TrainingRequestRecord(ls_project_id=project)):
+            raise ApiError(503, "the history writer is overloaded; try again")
+        return jsonify({"status": "ok", "training": "requested", "detail": TRAINING_NOTE})
+
+    @app.route("/versions", methods=["GET", "POST"])
+    def versions() -> Response:
+        return jsonify(compat.versions_body(backend.segmenter.model_version))
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics() -> Response:
+        out: dict[str, Any] = {
+            "model_version": backend.segmenter.model_version,
+            "sessions": len(backend.sessions),
+            "image_fetches": backend.fetcher.fetches,
+            "history": vars(backend.history.stats),
+            "uptime_s": round(time.time() - backend.started, 1),
+        }
+        stats = getattr(backend.segmenter, "stats", None)
+        if stats is not None:
+            out["embed_cache"] = {**vars(stats), "bytes": getattr(backend.segmenter, "cached_bytes", None)}
+        return jsonify(out)
+
+    return app
