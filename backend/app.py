@@ -43,7 +43,7 @@ from backend.history import HistoryWriter, TrainingRequestRecord, WriterContext
 from backend.ls_format import ls_project_id
 from backend.predict import Predictor
 from backend.projects import ProjectRegistry
-from backend.segmenter import InProcessSegmenter, SegmenterClient
+from backend.segmenter import SegmenterClient, make_segmenter_client
 from backend.sessions import SessionStore
 from backend.webhooks import TRAINING_NOTE, WebhookHandler
 from seemly.config import Settings, get_settings
@@ -145,14 +145,8 @@ def build_backend(
     db = db or make_engine(settings.database_url)
     storage = storage or Storage.from_settings(settings)
     if segmenter is None:
-        from seemly.engines.base import create_engine
-
-        engine_options: dict[str, Any] = {}
-        if settings.engine != "classic":
-            engine_options = {"checkpoint": settings.engine_checkpoint, "device": settings.device}
-        segmenter = InProcessSegmenter(
-            create_engine(settings.engine, **engine_options), cache_bytes=options.embed_cache_mb * 1024 * 1024
-        )
+        # In this process by default; the Ray Serve segmenter when SEEMLY_SEGMENTER_URL is set.
+        segmenter = make_segmenter_client(settings, cache_bytes=options.embed_cache_mb * 1024 * 1024)
     fetcher = ImageFetcher(storage, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes)
     sessions = SessionStore(max_sessions=options.max_sessions, idle_seconds=options.session_idle_seconds)
     projects = ProjectRegistry(db, storage, settings)

@@ -91,13 +91,15 @@ class _HttpTransport:
         return self._request("POST", path, body, timeout_s)
 
     def info(self, timeout_s: float) -> dict[str, Any]:
-        return self._request("GET", "/v1/health", None, timeout_s)
+        answer = self._request("GET", "/v1/health", None, timeout_s, attempts=1)  # fast, even when down
+        if answer.get("status") != "UP":
+            raise self._unavailable(f"it is not ready: {answer.get('error', answer.get('status'))}")
+        return answer
 
     def _request(
-        self, verb: str, path: str, body: dict[str, Any] | None, timeout_s: float | None
+        self, verb: str, path: str, body: dict[str, Any] | None, timeout_s: float | None, attempts: int = 3
     ) -> dict[str, Any]:
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        attempts = 3
         for attempt in range(attempts):
             try:
                 response = self._session().request(
