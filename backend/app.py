@@ -104,7 +104,9 @@ class Backend:
 
             from seemly.masks import Mask
             from seemly.prompts import PromptRound
+            from seemly.text_labels import preload_in_background
 
+            preload_in_background()  # the sentence-embedding model for free-text prompts (5-15 s)
             Mask.full(4, 4).to_ls_brush_rle()  # imports label_studio_sdk.converter (~1.3 s)
             Mask.full(4, 4).to_polygons()
             engine = getattr(self.segmenter, "engine", None)

@@ -30,6 +30,7 @@ from backend.segmenter import ImageChangedError, ImageHandle, SegmenterClient
 from backend.sessions import ObjectSession, SessionKey, SessionStore
 from plugin.labeling_config import ParsedConfig
 from seemly.engines.base import Segment, UnsupportedPromptError
+from seemly.engines.semantic import ProjectSemantics
 from seemly.prompts import PromptError, PromptRound, RoundResult, parse_round
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Predictor:
         projects: ProjectRegistry,
         history: HistoryWriter,
         db: Engine,
+        semantic: ProjectSemantics | None = None,
     ) -> None:
         self.segmenter = segmenter
         self.fetcher = fetcher
@@ -54,6 +56,10 @@ class Predictor:
         self.projects = projects
         self.history = history
         self.db = db
+        # text and reference prompts: per-project labels + label model over the same segmenter
+        self.semantic = semantic or ProjectSemantics(
+            db, fetcher.storage, image_loader=lambda uri: fetcher.load(uri).array
+        )
 
     @property
     def model_version(self) -> str:
@@ -121,10 +127,11 @@ class Predictor:
         if parsed.text is not None:
             self.sessions.set_text(ls_pid, annotator, parsed.text)
         text = self.sessions.text(ls_pid, annotator)
-        # The object's class: named by the text prompt if it names a label, else by the prompts.
-        object_label = (ls_format.label_from_text(text, config.labels) if text else None) or parsed.label
+        # The object's class: named by the text prompt if it names a label ("kitty" names cat, see
+        # seemly.text_labels), else by the prompts.
+        object_label = (self.semantic.label_for_text(config.labels, text) if text else None) or parsed.label
         label = object_label if object_label is not None else (config.labels[0] if config.labels else None)
-        run = _Round(self, ls_pid, task_id, annotator, uri, handle, info, text, label)
+        run = _Round(self, ls_pid, task_id, annotator, uri, handle, info, text, label, config.labels)
         where = dict(sha256=handle.sha256, width=handle.width, height=handle.height, uri=uri)
 
         if not parsed.items:
@@ -264,9 +271,11 @@ class _Round:
         info: Any,
         text: str | None,
         label: str | None,
+        labels: Sequence[str] = (),
     ) -> None:
         self.p, self.ls_pid, self.task_id, self.annotator = predictor, ls_pid, task_id, annotator
         self.uri, self.handle, self.info, self.text, self.label = uri, handle, info, text, label
+        self.labels = list(labels)
         self.prompt_round: PromptRound | None = None
         self.used_round: PromptRound | None = None
 
@@ -282,7 +291,12 @@ class _Round:
         self.prompt_round = self.used_round = parse_round({"prompts": prompts, "label": self.label}, *size)
         started = time.perf_counter()
         try:
-            segments = self.p.segmenter.segment(self.handle, self.prompt_round, memory)
+            if self.prompt_round.texts or self.prompt_round.references:
+                segments = self.p.semantic.segment(
+                    self.ls_pid, self.labels, self.p.segmenter, self.handle, self.prompt_round, memory
+                )
+            else:
+                segments = self.p.segmenter.segment(self.handle, self.prompt_round, memory)
         except UnsupportedPromptError:
             if not items or not self.text:
                 raise  # a text-only round (or another refused kind): the engine's message is the answer

@@ -119,7 +119,12 @@ def _load_builtin_engines() -> None:
     # asked for; an engine whose optional package is missing simply is not registered.
     import importlib
 
-    for module in ("seemly.engines.classic", "seemly.engines.sam", "seemly.engines.sam2"):
+    for module in (
+        "seemly.engines.classic",
+        "seemly.engines.sam",
+        "seemly.engines.sam2",
+        "seemly.engines.semantic",
+    ):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError:
