@@ -1,0 +1,274 @@
+"""Masks written per second into Postgres: COPY vs SQLAlchemy executemany vs row-by-row.
+
+Three ways a bucket job could store its masks, side by side on the same server in one run:
+
+* ``copy``: :func:`seemly.db.bulk.write_masks` (COPY into a staging table, then
+  ``INSERT … SELECT … ON CONFLICT DO NOTHING``), including its row validation and JSON encoding;
+* ``copy (re-run)``: the same rows again, every one a conflict: what a resumed job pays;
+* ``executemany``: ``session.execute(insert(Mask), list_of_dicts)`` (SQLAlchemy's batched
+  "insertmanyvalues"), one commit;
+* ``row-by-row``: one ``INSERT`` and one commit per mask, as a naive loop does;
+* a diagnostic line (only when connected as a superuser): the COPY again with row triggers, i.e.
+  the foreign-key checks, switched off, to show what integrity costs. seemly never does this.
+
+The benchmark creates a scratch database on the server (``--url`` names any database this user
+may ``CREATE DATABASE`` from), migrates it, and drops it at the end. Masks are realistic object
+masks on 512x512 images (an ellipse each, COCO RLE ~100-200 bytes), 20 per image.
+
+    python benchmarks/db_write.py --url postgresql+psycopg://postgres@127.0.0.1:5432/postgres
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import secrets
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sqlalchemy import Engine, create_engine, func, insert, select, text
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
+
+from seemly.db.bulk import mask_row, upsert_images, write_masks
+from seemly.db.migrate import upgrade
+from seemly.db.models import Job, Mask, MaskSource, ModelVersion, Project
+from seemly.db.session import make_engine, normalize_url
+from seemly.masks import Mask as BinaryMask
+
+DEFAULT_URL = os.environ.get(
+    "SEEMLY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+MASKS_PER_IMAGE = 20
+SIDE = 512
+
+
+@contextmanager
+def scratch_database(admin_url: str) -> Iterator[str]:
+    name = f"seemly_bench_{os.getpid()}_{secrets.token_hex(4)}"
+    admin = create_engine(normalize_url(admin_url), poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield normalize_url(admin_url).set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+def ellipse_masks(count: int, seed: int = 0) -> list[BinaryMask]:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:SIDE, 0:SIDE]
+    masks = []
+    for _ in range(count):
+        cy, cx = rng.uniform(64, SIDE - 64, size=2)
+        ry, rx = rng.uniform(10, 60, size=2)
+        masks.append(BinaryMask(((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0))
+    return masks
+
+
+def prepare(engine: Engine, rows: int) -> list[dict[str, Any]]:
+    """Reference rows (project, model version, job, images) and ``rows`` mask dicts to write."""
+    with Session(engine) as session:
+        project = Project(name="bench")
+        version = ModelVersion(name="classic-1", engine="classic")
+        job = Job(kind="presegment")
+        session.add_all([project, version, job])
+        session.commit()
+        project_id, version_id, job_id = project.id, version.id, job.id
+    image_count = -(-rows // MASKS_PER_IMAGE)
+    ids = upsert_images(
+        engine,
+        [
+            {"sha256": f"{i:064x}", "width": SIDE, "height": SIDE, "size_bytes": 100_000}
+            for i in range(image_count)
+        ],
+    )
+    image_ids = [ids[f"{i:064x}"] for i in range(image_count)]
+    templates = [
+        mask_row(
+            m,
+            project_id=project_id,
+            image_id=0,
+            source=MaskSource.BUCKET,
+            model_version_id=version_id,
+            job_id=job_id,
+        )
+        for m in ellipse_masks(MASKS_PER_IMAGE)
+    ]
+    return [
+        {
+            **templates[i % MASKS_PER_IMAGE],
+            "image_id": image_ids[i // MASKS_PER_IMAGE],
+            "ordinal": i % MASKS_PER_IMAGE,
+        }
+        for i in range(rows)
+    ]
+
+
+def clear_masks(engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE TABLE masks CASCADE"))
+
+
+def count_masks(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.scalar(select(func.count()).select_from(Mask)) or 0)
+
+
+def by_copy(engine: Engine, rows: list[dict[str, Any]]) -> int:
+    return write_masks(engine, rows)
+
+
+def by_copy_without_fk_checks(engine: Engine, rows: list[dict[str, Any]]) -> int:
+    """Diagnostic only: the same COPY with row triggers (foreign-key checks) off; superuser only."""
+    with engine.begin() as conn:
+        conn.execute(text("SET LOCAL session_replication_role = replica"))
+        return write_masks(conn, rows)
+
+
+def is_superuser(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        return conn.scalar(text("SHOW is_superuser")) == "on"
+
+
+def by_executemany(engine: Engine, rows: list[dict[str, Any]]) -> int:
+    with Session(engine) as session:
+        session.execute(insert(Mask), rows)
+        session.commit()
+    return len(rows)
+
+
+def by_row(engine: Engine, rows: list[dict[str, Any]]) -> int:
+    with Session(engine) as session:
+        for row in rows:
+            session.add(Mask(**row))
+            session.commit()
+    return len(rows)
+
+
+@dataclass
+class Timing:
+    """Median wall time and CPU time (this process, and the Postgres backend when it is local)."""
+
+    rows: int
+    wall: float
+    client_cpu: float
+    server_cpu: float | None
+
+    @property
+    def cpu(self) -> float | None:
+        return None if self.server_cpu is None else self.client_cpu + self.server_cpu
+
+
+def backend_cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a local Postgres backend from /proc; None when the server is elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def timed(
+    fn: Callable[[], int], repeat: int, reset: Callable[[], None] | None, backend_pid: int
+) -> tuple[Timing, int]:
+    """The median of ``repeat`` runs (``reset`` before each), and the rows the last run wrote."""
+    walls, clients, servers, written = [], [], [], 0
+    for _ in range(repeat):
+        if reset is not None:
+            reset()
+        server_before = backend_cpu_seconds(backend_pid)
+        client_before, start = time.process_time(), time.perf_counter()
+        written = fn()
+        walls.append(time.perf_counter() - start)
+        clients.append(time.process_time() - client_before)
+        server_after = backend_cpu_seconds(backend_pid)
+        if server_before is not None and server_after is not None:
+            servers.append(server_after - server_before)
+    server = statistics.median(servers) if len(servers) == repeat else None
+    return Timing(written, statistics.median(walls), statistics.median(clients), server), written
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} CPU ({cpu}), Python {platform.python_version()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default=DEFAULT_URL, help="Postgres URL to create the scratch database from")
+    parser.add_argument(
+        "--rows", type=int, default=100_000, help="masks for COPY and executemany (default 100000)"
+    )
+    parser.add_argument("--naive-rows", type=int, default=2_000, help="masks for row-by-row (default 2000)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per method; the median is reported")
+    args = parser.parse_args(argv)
+
+    with scratch_database(args.url) as url:
+        upgrade(url)
+        # One pooled connection, so that every method runs on the same, measurable backend.
+        engine = make_engine(url, pool_size=1, max_overflow=0)
+        try:
+            with engine.connect() as conn:
+                server = str(conn.scalar(text("SHOW server_version")))
+                pid = int(conn.scalar(text("SELECT pg_backend_pid()")) or 0)
+            rows = prepare(engine, args.rows)
+            reset = lambda: clear_masks(engine)  # noqa: E731
+            results: list[tuple[str, Timing]] = []
+            timing, n = timed(lambda: by_copy(engine, rows), args.repeat, reset, pid)
+            assert n == args.rows == count_masks(engine), "COPY must insert every row exactly once"
+            results.append(("COPY → staging → INSERT … ON CONFLICT DO NOTHING", timing))
+            timing, n = timed(lambda: by_copy(engine, rows), args.repeat, None, pid)
+            assert n == 0 and count_masks(engine) == args.rows, "a re-run must insert nothing"
+            timing.rows = args.rows
+            results.append(("same COPY again (idempotent re-run: 0 new rows)", timing))
+            if is_superuser(engine):
+                timing, n = timed(lambda: by_copy_without_fk_checks(engine, rows), args.repeat, reset, pid)
+                results.append(
+                    ("diagnostic: that COPY with foreign-key checks off (seemly never does)", timing)
+                )
+            timing, n = timed(lambda: by_executemany(engine, rows), args.repeat, reset, pid)
+            results.append(("SQLAlchemy executemany: `session.execute(insert(Mask), rows)`", timing))
+            naive = rows[: args.naive_rows]
+            timing, n = timed(lambda: by_row(engine, naive), args.repeat, reset, pid)
+            results.append(("row-by-row: one INSERT + commit per mask", timing))
+        finally:
+            engine.dispose()
+
+    naive_rate = results[-1][1].rows / results[-1][1].wall
+    print(
+        f"Postgres {server} (local), {machine()}; load average {os.getloadavg()[0]:.1f} at the end; "
+        f"median of {args.repeat} runs. CPU = seconds of CPU used by this process + the Postgres backend.\n"
+    )
+    print(
+        "| method | rows | wall s | rows/s | vs row-by-row | CPU s (client + server) | rows per CPU-second |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, t in results:
+        rate = t.rows / t.wall
+        cpu = f"{t.cpu:.2f} ({t.client_cpu:.2f} + {t.server_cpu:.2f})" if t.server_cpu is not None else "n/a"
+        per_cpu = f"{t.rows / t.cpu:,.0f}" if t.cpu else "n/a"
+        print(
+            f"| {name} | {t.rows:,} | {t.wall:.2f} | {rate:,.0f} | {rate / naive_rate:.0f}x | {cpu} | {per_cpu} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
