@@ -19,7 +19,7 @@ from seemly.bench.datasets import Dataset, DatasetError
 from seemly.bench.interactive import configure, run
 from seemly.engines.base import Engine, ImageState, Segment, register_engine
 from seemly.masks import Mask
-from seemly.prompts import PromptRound, RoundResult
+from seemly.prompts import Click, PromptRound, RoundResult
 
 SIZE = 20
 
@@ -214,3 +214,24 @@ def test_simulator_drives_the_engine_with_pixel_centres(tmp_path: Path) -> None:
     )
     assert len(trace.clicks) == 2  # stops once IoU >= 0.90
     assert engine.rounds_seen == [[(8.5, 8.5, True)], [(11.5, 6.5, True)]]
+
+
+@pytest.mark.parametrize("name", ["grabcut", "randomwalker"])
+def test_baselines_are_deterministic_engines(name: str) -> None:
+    import seemly.bench.baselines  # noqa: F401  (registers the baselines)
+    from seemly.engines.base import create_engine
+
+    rng = np.random.default_rng(0)
+    image = np.clip(rng.normal(110, 12, (80, 100, 3)), 0, 255).astype(np.uint8)
+    truth = np.zeros((80, 100), dtype=bool)
+    truth[20:60, 25:75] = True
+    image[truth] = (210, 40, 40)
+    engine = create_engine(name)
+    state = engine.embed(image, "x")
+    prompts = PromptRound(prompts=[Click(x=50.5, y=40.5)])
+    first = engine.segment(state, prompts)[0].mask
+    engine.segment(state, PromptRound(prompts=[Click(x=10.5, y=10.5)]))  # disturbs any global state
+    assert engine.segment(state, prompts)[0].mask == first
+    assert Mask(truth).iou(first) > 0.8
+    box = engine.segment(state, PromptRound(prompts=[simulator.box_prompt(truth)]))[0].mask
+    assert Mask(truth).iou(box) > 0.8

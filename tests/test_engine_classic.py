@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from seemly.engines.base import ImageState, UnsupportedPromptError, create_engine
-from seemly.engines.classic import ClassicEngine, ClassicState
+from seemly.engines.classic import ClassicEngine, ClassicState, Params
 from seemly.masks import Mask
 from seemly.prompts import (
     Box,
@@ -296,3 +296,18 @@ def test_segment_everything(
     assert total.max() <= 1  # non-overlapping
     assert max(iou(s.mask.data, red) for s in segments) > 0.9
     assert max(iou(s.mask.data, blue) for s in segments) > 0.9
+
+
+def test_large_images_are_worked_on_smaller() -> None:
+    """Above ``max_side`` the engine segments a downscaled copy and upscales the answer."""
+    image, truth = disc_image()
+    engine = ClassicEngine(params=Params(max_side=80))
+    state = engine.embed(image, "big")
+    assert state.features is not None and state.features.full.shape == (60, 80)
+    first = one(click(80.5, 60.5))
+    segments = engine.segment(state, first)
+    assert segments[0].mask.shape == (H, W)
+    assert iou(segments[0].mask.data, truth) > 0.9
+    memory = [RoundResult(first, segments[0].mask)]
+    second = engine.segment(state, one(click(80.5, 40.5, positive=False)), memory)[0].mask.data
+    assert second.shape == (H, W) and not second[40, 80]  # the user's seed holds at full size

@@ -57,15 +57,15 @@ DEFAULT_REFRESH_S = 5.0
 DEFAULT_STALE_S = 120.0
 SOURCE_CPUS = 0.1  # the listing task mostly waits on the network
 BLOCK_BYTES = 1
-"""``DataContext.target_max_block_size`` for the job: every item travels as its own block.
+"""``DataContext.target_max_block_size`` for the job: every work packet travels as its own block.
 
 Ray Data buffers a task's output until it exceeds this size (128 MiB by default), which would hold
-the listing back until ~1M keys had been read, and it slices bigger blocks down to it. One byte
-makes the source hand every key downstream the moment its chunk is registered, and the actor pool
-bundles exactly ``batch_size`` of them per call, so batches spread over all actors. (A streaming
-``repartition`` would do the splitting too, but its tasks ask for a whole CPU each, which a small
-cluster full of fractional-CPU actors never has free: the job would wait forever.) The cost is a
-few hundred microseconds of bookkeeping per image, nothing beside segmenting it."""
+the listing back until ~1M keys had been read. With one byte, the source hands each packet
+(``--batch-size`` items in one row, see :func:`workers.presegment_stages.make_source`) downstream
+the moment its chunk is registered, and each actor call gets exactly one packet, so batches
+spread over all actors. (A streaming ``repartition`` could split big blocks instead, but its tasks
+ask for a whole CPU each, which a small cluster full of fractional-CPU actors never has free: the
+job would wait forever.) Single-row blocks cannot be sliced further, so nothing else changes."""
 
 
 STAGE_KEYS = ("segment_s", "fetch_s", "wait_s", "write_s", "call_s", "cpu_s")
@@ -292,8 +292,8 @@ def build_dataset(
 ) -> Any:
     """``read_datasource(BucketItems) → map_batches(SegmentWriter, actor pool)``.
 
-    Items flow one block each (see :data:`BLOCK_BYTES`), so batches spread over the whole actor
-    pool as soon as a chunk is listed. Actors are restarted
+    Work packets flow one block each (see :data:`BLOCK_BYTES`), so batches spread over the whole
+    actor pool as soon as a chunk is listed. Actors are restarted
     and their calls retried by Ray when a worker dies: Ray Data's defaults for actor pools
     (``max_restarts=-1``, ``max_task_retries=-1``) are what a long bucket job wants, and a replayed
     batch is harmless (see :mod:`workers.presegment_stages`).
@@ -311,7 +311,7 @@ def build_dataset(
         return dataset.map_batches(
             SegmentWriter,
             fn_constructor_args=(spec,),
-            batch_size=options.batch_size,
+            batch_size=1,  # one work packet of ``options.batch_size`` images per call
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(
                 size=actors, max_tasks_in_flight_per_actor=options.max_tasks_in_flight_per_actor
@@ -398,6 +398,7 @@ def presegment(
             max_bytes=settings.max_image_bytes,
             prior_job_ids=others,
             chunk_rows=options.chunk_rows,
+            packet_rows=options.batch_size,
             fetch_threads=options.fetch_threads,
         )
         del engine  # the actors build their own
@@ -409,7 +410,7 @@ def presegment(
 def _batches(dataset: Any) -> Iterator[dict[str, Any]]:
     """The job's output batches (one per actor call) as they complete."""
     with warnings.catch_warnings():
-        # Ray Data warns that a one-task source cannot feed the whole pool; its one-item blocks do.
+        # Ray Data warns that a one-task source cannot feed the whole pool; its packet-sized blocks do.
         warnings.filterwarnings(
             "ignore", message="The minimum number of concurrent actors", category=UserWarning
         )

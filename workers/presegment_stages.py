@@ -75,7 +75,8 @@ class JobSpec:
     max_pixels: int
     max_bytes: int
     prior_job_ids: tuple[int, ...] = ()  # earlier jobs with the same identity: their done items count
-    chunk_rows: int = 256  # items per registration transaction (and emitted block)
+    chunk_rows: int = 256  # items per registration transaction
+    packet_rows: int = 8  # items per work packet (one actor call, one write transaction)
     fetch_threads: int = 8
 
 
@@ -204,18 +205,23 @@ def iter_source_items(
 
 
 def make_source(spec: JobSpec, box_prompts: Mapping[str, list[BoxPrompt]] | None) -> Any:
-    """A Ray Data :class:`~ray.data.Datasource` streaming :func:`iter_source_items` as blocks.
+    """A Ray Data :class:`~ray.data.Datasource` streaming :func:`iter_source_items` as work packets.
 
-    One read task walks the listing (S3 pages are sequential by nature); it yields a block per chunk
-    as soon as the chunk is registered, so segmentation starts on the first page while the listing
-    goes on. (Ray Data buffers a read task's output up to ``DataContext.target_max_block_size``;
-    the job sets that small so that chunks flow one by one: see ``workers.presegment``.)
+    One read task walks the listing (S3 pages are sequential by nature). Each registered chunk is
+    cut into packets of ``spec.packet_rows`` items, and every packet is one single-row block
+    (list-valued columns ``uri``, ``size``, ``boxes``): one actor call processes one packet, and
+    Ray Data's per-block bookkeeping is paid once per batch, not once per image. The job sets
+    ``DataContext.target_max_block_size`` so that packets leave the read task one by one, as soon as
+    their chunk is registered (see ``workers.presegment.BLOCK_BYTES``).
     """
     import pyarrow as pa
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
-    schema = pa.schema([("uri", pa.string()), ("size", pa.int64()), ("boxes", pa.string())])
+    schema = pa.schema(
+        [("uri", pa.list_(pa.string())), ("size", pa.list_(pa.int64())), ("boxes", pa.list_(pa.string()))]
+    )
+    size = max(1, spec.packet_rows)
 
     class BucketItemsDatasource(Datasource):
         def get_name(self) -> str:
@@ -228,13 +234,26 @@ def make_source(spec: JobSpec, box_prompts: Mapping[str, list[BoxPrompt]] | None
             self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None
         ) -> list[ReadTask]:
             def read() -> Iterator[pa.Table]:
-                for columns in iter_source_items(spec, box_prompts):
-                    yield pa.table(columns, schema=schema)
+                for chunk in iter_source_items(spec, box_prompts):
+                    for start in range(0, len(chunk["uri"]), size):
+                        packet = {name: [values[start : start + size]] for name, values in chunk.items()}
+                        yield pa.table(packet, schema=schema)
 
             metadata = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
             return [ReadTask(read, metadata, schema=schema, per_task_row_limit=per_task_row_limit)]
 
     return BucketItemsDatasource()
+
+
+def _flat(column: Any) -> list[Any]:
+    """A batch column as a flat list: packets (lists per row) are concatenated, scalars kept."""
+    out: list[Any] = []
+    for value in column:
+        if isinstance(value, list | tuple | np.ndarray):
+            out.extend(value)
+        else:
+            out.append(value)
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,9 +345,9 @@ class SegmentWriter:
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, list[Any]]:
         """Process one batch; returns a one-row summary (counts, first internal error, timings)."""
         called, called_cpu = time.perf_counter(), time.process_time()
-        uris = [str(u) for u in batch["uri"]]
-        sizes = [int(s) for s in batch["size"]]
-        boxes = [str(b) for b in batch["boxes"]]
+        uris = [str(u) for u in _flat(batch["uri"])]
+        sizes = [int(s) for s in _flat(batch["size"])]
+        boxes = [str(b) for b in _flat(batch["boxes"])]
         futures = [self.pool.submit(self._fetch, uri, size) for uri, size in zip(uris, sizes, strict=True)]
         outcomes: list[ImageOutcome] = []
         wait_s, fetch_s = [], []

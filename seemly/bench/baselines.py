@@ -1,22 +1,25 @@
 """Plain classical baselines, seeded from the same prompts, as engines the simulator can drive.
 
-* ``grabcut`` — OpenCV's ``cv2.grabCut`` (GMM colour models + graph cut, 3 iterations) at full
-  resolution, initialised with a mask: everything "probably background"; the previous round's mask
-  "probably object"; on a first round with clicks only, a disk of radius ``0.15 * sqrt(H * W)``
-  around each positive click or positive stroke pixel "probably object" (GrabCut needs an object
-  region to learn colours from; a click alone gives it a handful of pixels); click disks
-  (radius 3) and scribbles as hard
-  object / background; a box as in the GrabCut paper (outside hard background, inside probable
-  object).
-* ``randomwalker`` — scikit-image's ``random_walker`` (``mode="bf"``, a direct sparse solve,
-  ``beta=130``) on the Lab image (scaled to about [0, 1]) downscaled so that its longer side is at
-  most 240 pixels (for speed: full resolution takes seconds per click), probabilities upscaled
-  bilinearly. Seeds: click disks and scribbles of all rounds; while the user has given no
-  background seed, the image border is background (the walker needs two labels). A box makes its
-  outside background and, having no object seed, the middle fifth of the box object. No
-  previous-mask prior: seeds only, as in the original method.
+Each gets a reasonable seeding, chosen on GrabCut by the same benchmark (so the comparison is
+fair to it), and both accumulate the clicks of all rounds, as the classic engine does.
 
-Both accumulate the clicks of all rounds, as the classic engine does.
+* ``grabcut`` — OpenCV's ``cv2.grabCut`` (GMM colour models + graph cut, 3 iterations) at full
+  resolution, initialised with a mask: everything "probably background"; the previous round's
+  mask "probably object"; on a first round with clicks or strokes only, a disk of radius
+  ``0.15 * sqrt(H * W)`` around each positive seed pixel "probably object" (GrabCut needs an
+  object region to learn colours from, a click alone gives it a handful of pixels; first-click
+  IoU 0.63 / 0.73 / 0.70 with radius 0.08 / 0.15 / 0.25); click disks (radius 3) and scribbles
+  hard object / background; a box as in the GrabCut paper (outside hard background, inside
+  probable object).
+* ``randomwalker`` — scikit-image's ``random_walker`` (``mode="bf"``, a direct sparse solve) on
+  the Lab image divided by 100, downscaled so that its longer side is at most 240 pixels (full
+  resolution takes seconds per click), probabilities upscaled bilinearly. ``beta=5000``: mean IoU
+  after 3 clicks on every other GrabCut image is 0.52 at scikit-image's default 130, 0.68 at
+  1000, 0.77 at 5000 and 20000, 0.63 at 80000. Seeds: click disks and scribbles, plus the image
+  border as background (the walker needs background seeds from the first click on) except within
+  ``0.1 * sqrt(h * w)`` of an object seed. A box makes its outside background and, having no
+  object seed, the middle fifth of the box object. No previous-mask prior: seeds only, as in the
+  original method.
 """
 
 from __future__ import annotations
@@ -107,6 +110,7 @@ class GrabCutEngine(Engine):
         bgd = np.zeros((1, 65), np.float64)
         fgd = np.zeros((1, 65), np.float64)
         try:
+            cv2.setRNGSeed(0)  # GrabCut seeds its GMMs with k-means on OpenCV's global RNG
             cv2.grabCut(
                 image[:, :, ::-1].copy(), mask, None, bgd, fgd, self.iterations, cv2.GC_INIT_WITH_MASK
             )
@@ -123,7 +127,7 @@ class RandomWalkerEngine(Engine):
     name = "randomwalker"
     version = "1"
 
-    def __init__(self, max_side: int = 240, beta: float = 130.0, **_options: object) -> None:
+    def __init__(self, max_side: int = 240, beta: float = 5000.0, **_options: object) -> None:
         self.max_side = max_side
         self.beta = beta
 
@@ -155,8 +159,15 @@ class RandomWalkerEngine(Engine):
             fg_full[r0 + dr : r1 - dr + 1, c0 + dc : c1 - dc + 1] = True
         fg = _shrink(fg_full, (small_h, small_w))
         bg = _shrink(maps.negative | (maps.prior <= -2.9), (small_h, small_w))
-        if not bg.any():
-            bg[0, :] = bg[-1, :] = bg[:, 0] = bg[:, -1] = True
+        if maps.box is None:
+            # The walker needs background seeds from the start: the image border, except near
+            # the object's seeds (an object touching the border keeps its side).
+            border = np.zeros((small_h, small_w), dtype=bool)
+            border[0, :] = border[-1, :] = border[:, 0] = border[:, -1] = True
+            radius = max(1, round(0.1 * np.sqrt(small_h * small_w)))
+            kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+            near = cv2.dilate(fg.astype(np.uint8), kernel) > 0
+            bg |= border & ~near
             bg &= ~fg
         labels[bg] = 2
         labels[fg] = 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
+import os
 import platform
 import sys
 import time
@@ -28,7 +28,6 @@ from seemly.masks import Mask
 from seemly.prompts import PromptRound
 
 DEFAULT_DATASET = Path("/work/shared/data/grabcut")
-log = logging.getLogger(__name__)
 
 
 def configure(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()) -> None:
@@ -131,6 +130,20 @@ def run_benchmark(
     return summaries, [row for rows in results.values() for row in rows]
 
 
+def machine_description() -> str:
+    """CPU model, core count and Python version, for the record next to the numbers."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} CPUs ({platform.machine()}), Python {platform.python_version()}"
+
+
 def run(args: argparse.Namespace, words: tuple[str, ...] = ()) -> int:
     if args.dataset is None:
         print("no --dataset given and the default GrabCut folder does not exist", file=sys.stderr)
@@ -155,8 +168,8 @@ def run(args: argparse.Namespace, words: tuple[str, ...] = ()) -> int:
     )
     table = metrics.markdown_table(summaries)
     header = (
-        f"Dataset `{dataset.root}` ({len(dataset)} images), max {args.max_clicks} clicks, "
-        f"{platform.machine()} {platform.python_version()}\n\n"
+        f"Dataset `{dataset.root}` ({len(dataset)} images), max {args.max_clicks} clicks; "
+        f"{machine_description()}\n\n"
     )
     print(header + table)
     if args.markdown is not None:

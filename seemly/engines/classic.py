@@ -1,18 +1,30 @@
 """The weight-free default engine: a graph cut driven by clicks, strokes, boxes and masks.
 
-``embed`` computes the per-image features once (Lab, colour palette, edge weights, geodesic cost
-map: see ``classic_features``). ``segment`` builds, for every round, one energy over the pixels:
+``embed`` computes the per-image features once (``classic_features``): Lab image, a 64-colour
+k-means palette, contrast-sensitive edge weights at full resolution and on a coarse level (longer
+side at most 320 pixels), and the coarse geodesic cost map. ``segment`` builds one energy per
+round and solves it exactly by max-flow, coarse to fine:
 
-* hard labels at click disks and scribble strokes of *all* rounds of the session;
+* hard labels at click disks and scribble strokes of *all* rounds of the session (a later click
+  on the spot of an earlier opposite one replaces it);
 * the previous round's mask (and any mask / polygon / box prompt) as a soft prior, relaxed near
   the clicks so that a click always wins in its own neighbourhood;
-* a local term per click: the geodesic distance from the click, scaled by the size of the error
-  it corrects (its distance to the previous mask's boundary), pulls its region to its label;
-* colour models (palette histograms) of object and background learned from that soft estimate;
-* GrabCut's contrast-sensitive smoothness on the 8-connected grid, solved exactly by max-flow.
+* a local term per click, ``click_weight * exp(-geodesic distance / reach)``, whose reach is
+  1.5 x the click's distance to the previous mask's boundary (the size of the error it corrects;
+  0.21 x sqrt(H * W) for a first click): a negative click inside the mask removes its region, a
+  positive one outside adds it;
+* colour models: palette histograms of object and background, each click's neighbourhood one
+  source of equal weight (so a small corrected part's colour counts), the previous mask and its
+  complement, the image border as background until the user gives a background seed; refitted
+  once on the first cut (two EM rounds);
+* GrabCut's contrast-sensitive smoothness: 4-connected on the coarse level, then the full-
+  resolution 8-connected cut re-solved in a band of a few pixels around the coarse boundary.
 
-An optional learned ``refiner`` (a per-project model, plugged in by fine-tuning) receives the image,
-the prompt maps and the classic mask and probability, and returns a better probability map.
+One positive click alone is ambiguous: three candidates (default, the clicked colour region, a
+wider reach) are returned, the default first. Every parameter was chosen by ``seemly bench
+interactive`` on GrabCut (docs/benchmarks.md). An optional learned ``refiner`` (a per-project
+model, plugged in by fine-tuning) receives the image, the prompt maps and the classic mask and
+probability, and returns a better probability map.
 """
 
 from __future__ import annotations
@@ -30,7 +42,6 @@ from seemly.engines import (
     classic_geodesic,
     classic_graphcut,
     classic_score,
-    classic_superpixels,
 )
 from seemly.engines.base import Engine, ImageState, Segment, UnsupportedPromptError, register_engine
 from seemly.engines.classic_prompts import ClickSeed, PromptMaps, rasterize
@@ -89,15 +100,14 @@ class Params:
     band_margin: int = 2
     em_iterations: int = 2
     coarse_max_side: int = 320  # the coarse level's longer side (pixels)
-    regions: int = 0  # > 0: solve the coarse level on this many superpixels (fast on any image)
-    region_compactness: float = 10.0
-    # superpixels that straddle a boundary make the region energy overprice smooth cuts: soften it
-    region_gamma_factor: float = 0.5
-    coarse_connectivity: int = 8  # 4 is faster; its weights are scaled by four_connected_gain
+    coarse_connectivity: int = 4  # 4 is faster; its weights are scaled by four_connected_gain
     four_connected_gain: float = 1.7  # ~ (2 + 2 / sqrt(2)) / 2: the diagonal edges' share
+    palette_size: int = 64  # colours of the k-means palette the colour models are histograms over
+    palette_sigma: float = 6.0  # Lab distance over which palette colours share evidence
     region_colour_weight: float = 2.0  # colour weight of the previous mask and its complement
     border_colour_weight: float = 1.0  # the image border as background colours, until a negative seed
     geodesic_cache_size: int = 64
+    max_side: int = 1024  # larger images are segmented at this size and the answer upscaled
     multimask: bool = True
     # (reach factor, part) per candidate, the default first; "part" learns the background colours
     # from the whole image, so that it keeps to the clicked colour region
@@ -123,6 +133,13 @@ class ClassicEngine(Engine):
     def embed(self, image: np.ndarray, sha256: str) -> ClassicState:
         image = _as_rgb(image)
         height, width = image.shape[:2]
+        # Large photos are worked on at most max_side pixels wide (as SAM works at 1024) and the
+        # answer is upscaled: the cost of a round stays bounded whatever the camera.
+        work = image
+        scale = max(height, width) / self.params.max_side
+        if scale > 1.0:
+            size = (max(1, round(width / scale)), max(1, round(height / scale)))
+            work = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
         return ClassicState(
             sha256=sha256,
             model_version=self.model_version,
@@ -130,12 +147,12 @@ class ClassicEngine(Engine):
             width=width,
             image=image,
             features=classic_features.compute(
-                image,
+                work,
                 self.params.geo_sigma,
                 self.params.geo_strength,
                 self.params.coarse_max_side,
-                self.params.regions,
-                self.params.region_compactness,
+                self.params.palette_size,
+                self.params.palette_sigma,
             ),
         )
 
@@ -150,7 +167,8 @@ class ClassicEngine(Engine):
                 f"the classic engine cannot follow {' or '.join(unsupported)} prompts: that needs a label "
                 "model, which is not configured; use clicks, boxes, scribbles, polygons or masks"
             )
-        maps = rasterize(prompt_round, memory, state.height, state.width)
+        full_maps = rasterize(prompt_round, memory, state.height, state.width)
+        maps = full_maps.resized(*state.features.full.shape)
         # one positive click alone is ambiguous (part or whole?): answer several candidates
         candidates = (
             self.params.multimask_candidates
@@ -161,21 +179,27 @@ class ClassicEngine(Engine):
         seen: set[bytes] = set()
         for index, (reach, part) in enumerate(candidates):
             mask, probability = self._solve(state, maps, reach, part)
+            # scored at the working resolution, where the edge weights live
+            score = classic_score.score(mask, probability, state.features.full, preferred=index == 0)
+            if maps is not full_maps:
+                mask, probability = _upscale(mask, probability, full_maps)
             if self.refiner is not None:
-                refined = np.asarray(self.refiner(state.image, maps, mask, probability), dtype=np.float32)
+                refined = np.asarray(
+                    self.refiner(state.image, full_maps, mask, probability), dtype=np.float32
+                )
                 if refined.shape == mask.shape:
                     mask = refined >= 0.5
             key = np.packbits(mask).tobytes()
             if key in seen:
                 continue
             seen.add(key)
-            score = classic_score.score(mask, probability, state.features.full, preferred=index == 0)
             segments.append(Segment(Mask(mask), float(score), self.model_version, prompt_round.label))
         segments.sort(key=lambda s: -s.score)  # stable: ties keep the default reach first
         return segments
 
     def segment_everything(self, state: ImageState) -> list[Segment]:
-        from seemly.engines.classic_everything import propose
+        """Non-overlapping proposals from the region hierarchy of :mod:`seemly.engines.everything`."""
+        from seemly.engines.everything import propose
 
         state = self._check_state(state)
         return [
@@ -207,10 +231,14 @@ class ClassicEngine(Engine):
     def _click_scale(self, state: ClassicState, click: ClickSeed) -> float:
         """How far (image pixels) a click reaches: about the size of the error it corrects."""
         p = self.params
-        default = p.first_click_scale * float(np.sqrt(state.height * state.width))
+        height, width = state.features.full.shape  # the working resolution
+        default = p.first_click_scale * float(np.sqrt(height * width))
         previous = click.previous
         if previous is None or not previous.any():
             return default
+        if previous.shape != (height, width):  # a mask at the original size of a large image
+            small = cv2.resize(previous.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
+            previous = small >= 0.5
         same = previous == previous[click.row, click.col]
         if same.all():
             return default
@@ -285,9 +313,6 @@ class ClassicEngine(Engine):
 
         def coarse_cut(llr: np.ndarray) -> np.ndarray:
             logit = spatial_c + p.colour_weight * llr[coarse.index]
-            if features.regions is not None:
-                gamma_r = gamma_c * p.region_gamma_factor
-                return classic_superpixels.cut(features.regions, logit, gamma_r, pos_c, neg_c)
             return classic_graphcut.cut(logit, coarse_edges, gamma_c, pos_c, neg_c)
 
         llr = self._colour_llr(features, coarse, terms, pos_c, neg_c, region_c, maps.has_negative, part)
@@ -297,7 +322,7 @@ class ClassicEngine(Engine):
             mask_c = coarse_cut(llr)
 
         # --- full-resolution refinement in a band around the coarse boundary ----------------------
-        height, width = state.height, state.width
+        height, width = full.shape
         colour_full = p.colour_weight * llr[full.index]
         if coarse is full:
             total = spatial_c + colour_full
@@ -309,17 +334,15 @@ class ClassicEngine(Engine):
                 total -= p.background_bias
         total[maps.positive] = classic_graphcut.HARD
         total[maps.negative] = -classic_graphcut.HARD
-        if coarse is full and features.regions is None:
+        if coarse is full:
             mask = mask_c  # the coarse solve was the pixel solve
         else:
-            coarse_up = (
-                mask_c if coarse is full else _resize(mask_c.astype(np.float32), (height, width)) >= 0.5
-            )
+            coarse_up = _resize(mask_c.astype(np.float32), (height, width)) >= 0.5
             radius = int(np.ceil(scale)) + p.band_margin
             kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
             up8 = coarse_up.astype(np.uint8)
             band = cv2.dilate(up8, kernel) != cv2.erode(up8, kernel)
-            # seeds the coarse answer got wrong (a region holding both kinds) are re-solved too
+            # seeds the coarse answer got wrong (a stroke thinner than a coarse pixel) are re-solved too
             wrong = (maps.positive & ~coarse_up) | (maps.negative & coarse_up)
             if wrong.any():
                 band |= cv2.dilate(wrong.astype(np.uint8), kernel) > 0
@@ -422,6 +445,15 @@ def _box_inside(maps: PromptMaps, shape: tuple[int, int], scale: float) -> np.nd
         int(r0 / scale) : int(np.ceil((r1 + 1) / scale)), int(c0 / scale) : int(np.ceil((c1 + 1) / scale))
     ] = True
     return inside
+
+
+def _upscale(mask: np.ndarray, probability: np.ndarray, maps: PromptMaps) -> tuple[np.ndarray, np.ndarray]:
+    """A working-resolution answer at the image's own size; the user's seeds hold exactly."""
+    size = (maps.width, maps.height)
+    big = cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_LINEAR) >= 0.5
+    big[maps.positive] = True
+    big[maps.negative] = False
+    return big, cv2.resize(probability, size, interpolation=cv2.INTER_LINEAR)
 
 
 def _ambiguous(maps: PromptMaps) -> bool:

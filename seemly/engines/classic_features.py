@@ -13,8 +13,6 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from seemly.engines.classic_superpixels import RegionGraph, build
-
 PALETTE_SIZE = 64
 COARSE_MAX_SIDE = 320  # the coarse level (geodesics, first solve) is at most this large
 
@@ -41,12 +39,9 @@ class Features:
     coarse: Level  # at most COARSE_MAX_SIDE pixels on its longer side (may be ``full``)
     geo_cost: np.ndarray  # coarse h x w float64 local cost for geodesic distances
     border: np.ndarray  # coarse h x w float32: 1 on a band along the image border
-    regions: RegionGraph | None = None  # superpixels of the coarse level
 
     def arrays(self) -> list[np.ndarray]:
         out = [self.palette, self.similarity, self.geo_cost, self.border]
-        if self.regions is not None:
-            out += self.regions.arrays()
         for level in (self.full, self.coarse):
             out += [level.lab, level.index, *level.edges.values()]
         return out
@@ -130,16 +125,16 @@ def compute(
     geo_sigma: float = 1.0,
     geo_strength: float = 4.0,
     coarse_max_side: int = COARSE_MAX_SIDE,
-    regions: int = 0,
-    compactness: float = 10.0,
+    palette_size: int = PALETTE_SIZE,
+    palette_sigma: float = 6.0,
 ) -> Features:
-    """All per-image features; ``regions > 0`` also builds that many superpixels on the coarse level."""
+    """All per-image features (see the module docstring)."""
     lab = to_lab(image)
     height, width = lab.shape[:2]
     smooth = cv2.GaussianBlur(lab, (0, 0), 0.8) if min(height, width) >= 3 else lab
-    palette, index = kmeans_palette(smooth)
+    palette, index = kmeans_palette(smooth, palette_size)
     d = ((palette[:, None, :] - palette[None, :, :]) ** 2).sum(axis=2)
-    similarity = np.exp(-d / (2.0 * 6.0**2)).astype(np.float32)
+    similarity = np.exp(-d / (2.0 * palette_sigma**2)).astype(np.float32)
     similarity /= similarity.sum(axis=1, keepdims=True)
     full = Level(1.0, smooth, index, edge_weights(smooth))
 
@@ -159,7 +154,6 @@ def compute(
         coarse=coarse,
         geo_cost=geodesic_cost(coarse.lab, geo_sigma, geo_strength),
         border=border_band(*coarse.shape),
-        regions=build(coarse.lab, coarse.edges, regions, compactness) if regions > 0 else None,
     )
 
 

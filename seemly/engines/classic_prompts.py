@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
@@ -59,6 +59,55 @@ class PromptMaps:
     @property
     def has_negative(self) -> bool:
         return bool(self.negative.any())
+
+    def resized(self, height: int, width: int) -> PromptMaps:
+        """The same prompts on a ``height x width`` image (the engine's working resolution).
+
+        Seeds keep every pixel they touch (a thin stroke survives downscaling), the prior and the
+        previous mask are area-averaged, clicks and the box are scaled. A click's ``previous`` mask
+        stays at the original size (it is only read when the click is first seen).
+        """
+        if (height, width) == (self.height, self.width):
+            return self
+        sy, sx = height / self.height, width / self.width
+
+        def scale_rc(row: int, col: int) -> tuple[int, int]:
+            return min(int((row + 0.5) * sy), height - 1), min(int((col + 0.5) * sx), width - 1)
+
+        clicks = [
+            replace(c, row=scale_rc(c.row, c.col)[0], col=scale_rc(c.row, c.col)[1]) for c in self.clicks
+        ]
+        box = None
+        if self.box is not None:
+            r0, c0 = scale_rc(self.box[0], self.box[1])
+            r1, c1 = scale_rc(self.box[2], self.box[3])
+            box = (r0, c0, r1, c1)
+        size = (width, height)
+        previous = None
+        if self.previous is not None:
+            small = cv2.resize(self.previous.astype(np.float32), size, interpolation=cv2.INTER_AREA)
+            previous = small >= 0.5
+        positive = cv2.resize(self.positive.astype(np.uint8), size, interpolation=cv2.INTER_AREA) > 0
+        negative = cv2.resize(self.negative.astype(np.uint8), size, interpolation=cv2.INTER_AREA) > 0
+        both = positive & negative  # seeds of both kinds in one small pixel: neither is hard there
+        positive &= ~both
+        negative &= ~both
+        for click in clicks:  # ... except a click's own pixel, the later click winning
+            positive[click.row, click.col] = click.positive
+            negative[click.row, click.col] = not click.positive
+        return PromptMaps(
+            height=height,
+            width=width,
+            clicks=clicks,
+            positive=positive,
+            negative=negative,
+            prior=cv2.resize(self.prior, size, interpolation=cv2.INTER_AREA),
+            has_prior=self.has_prior,
+            previous=previous,
+            box=box,
+            current_round=self.current_round,
+            region_prompts=self.region_prompts,
+        )
 
 
 def mask_digest(mask: np.ndarray) -> bytes:
