@@ -1,8 +1,7 @@
 """Segment everything by hierarchical region merging, then the most distinct regions of the hierarchy.
 
-A stronger ``segment_everything`` for weight-free engines: :func:`propose` has the signature and the
-answer of ``classic_everything.propose`` (a list of ``(mask, score)``, non-overlapping, best first),
-so the classic engine can call either.
+The ``segment_everything`` of weight-free engines: :func:`propose` answers a list of
+``(mask, score)``, non-overlapping, best first; the classic engine calls it on its embedded image.
 
 1. **Superpixels**: Felzenszwalb-Huttenlocher on the image at most ``MAX_SIDE`` pixels wide.
 2. **Hierarchy**: adjacent regions are merged greedily, the most similar pair first, until one
@@ -203,7 +202,7 @@ def propose(
 ) -> list[tuple[np.ndarray, float]]:
     """Non-overlapping region proposals ``(mask, score)``, best first (see the module docstring).
 
-    ``features`` is accepted (and ignored) for call compatibility with ``classic_everything.propose``.
+    ``features`` is accepted (and ignored) so engines can pass their embed features uniformly.
     """
     p = params or Params()
     image = np.asarray(image)
