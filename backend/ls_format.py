@@ -36,6 +36,7 @@ from plugin.labeling_config import ControlTag, ParsedConfig
 from seemly.engines.base import Segment
 from seemly.masks import Mask, MaskError, signed_area
 from seemly.prompts import MAX_TEXT_CHARS, Box, Click, MaskPrompt, Polygon, PromptError
+from seemly.text_labels import plural_forms
 
 PERCENT_TOLERANCE = 1e-6
 """Label Studio's own float arithmetic can land a hair past 100 %; that much is forgiven (and clamped)."""
@@ -181,23 +182,13 @@ def label_from_text(text: str, labels: Sequence[str]) -> str | None:
     if not wanted:
         return None
 
-    def forms(word: str) -> set[str]:
-        out = {word}
-        if word.endswith("ies") and len(word) > 3:
-            out.add(word[:-3] + "y")
-        if word.endswith("es") and len(word) > 2:
-            out.add(word[:-2])
-        if word.endswith("s") and len(word) > 1:
-            out.add(word[:-1])
-        return out
-
     by_key = {label.casefold(): label for label in labels}
-    for form in forms(wanted):
+    for form in plural_forms(wanted):
         if form in by_key:
             return by_key[form]
     # the label may be the plural and the text singular
     for key, label in by_key.items():
-        if wanted in forms(key):
+        if wanted in plural_forms(key):
             return label
     return None
 
