@@ -347,6 +347,15 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_status", "status"),
         Index("ix_jobs_project_id_kind", "project_id", "kind"),
+        # At most one queued or running training per project: the scheduler's lock lives in the
+        # database, so it holds across processes, machines and restarts.
+        Index(
+            "uq_jobs_one_active_training",
+            "project_id",
+            unique=True,
+            postgresql_where=text("kind = 'train' AND status IN ('queued', 'running')"),
+            sqlite_where=text("kind = 'train' AND status IN ('queued', 'running')"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -555,6 +564,32 @@ class TrainingRequest(Base):
     created_at: Mapped[datetime] = _created()
 
 
+class Uncertainty(Base):
+    """How unsure the served model is about an image of a project (active learning).
+
+    One row per (project, image), rewritten by every ranking run; ``score`` in [0, 1], higher =
+    less sure, is what orders the annotation queue (and, as ``1 - score``, the prediction score
+    Label Studio's Data Manager sorts by). ``components`` keeps the signals it was made of.
+    """
+
+    __tablename__ = "uncertainty"
+    __table_args__ = (
+        UniqueConstraint("project_id", "image_id", name="uq_uncertainty_project_id_image_id"),
+        Index("ix_uncertainty_project_id_score", "project_id", "score"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="SET NULL"))
+    ls_task_id: Mapped[int | None] = mapped_column(BigInteger)
+    score: Mapped[float] = mapped_column(Float)
+    components: Mapped[dict[str, Any]] = mapped_column(
+        JSONType, nullable=False, default=dict, server_default=text("'{}'")
+    )
+    computed_at: Mapped[datetime] = _created()
+
+
 __all__ = [
     "NAMING_CONVENTION",
     "Base",
@@ -576,5 +611,6 @@ __all__ = [
     "TrainingReason",
     "TrainingRequest",
     "UTCDateTime",
+    "Uncertainty",
     "utcnow",
 ]
