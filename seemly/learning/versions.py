@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, func, select, update
 
-from seemly.db.models import ModelVersion, utcnow
+from seemly.db.models import ModelVersion, Project, utcnow
 
 
 class VersionError(ValueError):
@@ -126,13 +126,23 @@ def register_candidate(
     """Record a new (not yet promoted) fine-tune of ``project_id``, named by :func:`candidate_name`."""
 
     def run(conn: Connection) -> VersionInfo:
-        count = conn.execute(
-            select(func.count()).select_from(_TABLE).where(_TABLE.c.project_id == project_id)
-        ).scalar_one()
-        name = candidate_name(project_id, engine, int(count) + 1)
+        projects = Project.__table__
+        # Serialise registrations of one project (row lock on Postgres; SQLite has one writer) so
+        # that two concurrent runs never pick the same number.
+        locked = select(projects.c.id).where(projects.c.id == project_id)
+        if conn.dialect.name == "postgresql":
+            locked = locked.with_for_update()
+        if conn.execute(locked).first() is None:
+            raise VersionError(f"no project with id {project_id}")
+        count = int(
+            conn.execute(
+                select(func.count()).select_from(_TABLE).where(_TABLE.c.project_id == project_id)
+            ).scalar_one()
+        )
+        name = candidate_name(project_id, engine, count + 1)
         while conn.execute(select(_TABLE.c.id).where(_TABLE.c.name == name)).first() is not None:
             count += 1
-            name = candidate_name(project_id, engine, int(count) + 1)
+            name = candidate_name(project_id, engine, count + 1)
         new_id = conn.execute(
             _TABLE.insert()
             .values(
