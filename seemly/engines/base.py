@@ -85,6 +85,22 @@ class Engine(ABC):
         """Non-overlapping region proposals covering the salient objects, best first."""
 
 
+def as_rgb(image: np.ndarray) -> np.ndarray:
+    """An engine's input as contiguous ``H x W x 3`` uint8 (gray and RGBA accepted, others refused)."""
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
+        raise UnsupportedPromptError(f"expected an H x W x 3 RGB image, got shape {array.shape}")
+    if array.shape[2] == 1:
+        array = np.repeat(array, 3, axis=2)
+    elif array.shape[2] == 4:
+        array = array[:, :, :3]
+    if array.dtype != np.uint8:
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(array)
+
+
 EngineFactory = Callable[..., Engine]
 _REGISTRY: dict[str, EngineFactory] = {}
 

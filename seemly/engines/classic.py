@@ -43,7 +43,14 @@ from seemly.engines import (
     classic_graphcut,
     classic_score,
 )
-from seemly.engines.base import Engine, ImageState, Segment, UnsupportedPromptError, register_engine
+from seemly.engines.base import (
+    Engine,
+    ImageState,
+    Segment,
+    UnsupportedPromptError,
+    as_rgb,
+    register_engine,
+)
 from seemly.engines.classic_prompts import ClickSeed, PromptMaps, rasterize
 from seemly.masks import Mask
 from seemly.prompts import PromptRound, RoundResult
@@ -131,7 +138,7 @@ class ClassicEngine(Engine):
 
     # --- the expensive half -------------------------------------------------------------------
     def embed(self, image: np.ndarray, sha256: str) -> ClassicState:
-        image = _as_rgb(image)
+        image = as_rgb(image)
         height, width = image.shape[:2]
         # Large photos are worked on at most max_side pixels wide (as SAM works at 1024) and the
         # answer is upscaled: the cost of a round stays bounded whatever the camera.
@@ -486,18 +493,3 @@ def _keep_seeded(mask: np.ndarray, maps: PromptMaps) -> np.ndarray:
     keep[np.unique(labels[maps.positive & mask])] = True
     keep[0] = False
     return keep[labels]
-
-
-def _as_rgb(image: np.ndarray) -> np.ndarray:
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = np.repeat(array[:, :, None], 3, axis=2)
-    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-        raise UnsupportedPromptError(f"expected an H x W x 3 RGB image, got shape {array.shape}")
-    if array.shape[2] == 1:
-        array = np.repeat(array, 3, axis=2)
-    elif array.shape[2] == 4:
-        array = array[:, :, :3]
-    if array.dtype != np.uint8:
-        array = np.clip(array, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(array)

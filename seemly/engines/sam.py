@@ -69,6 +69,7 @@ from seemly.engines.base import (
     ImageState,
     Segment,
     UnsupportedPromptError,
+    as_rgb,
     register_engine,
 )
 from seemly.masks import Mask
@@ -482,7 +483,7 @@ class PromptableEngine(Engine):
             yield
 
     def embed(self, image: np.ndarray, sha256: str) -> SamState:
-        image = _as_rgb(image)
+        image = as_rgb(image)
         height, width = image.shape[:2]
         with self.inference():
             features, input_size = self._embed(image)
@@ -582,21 +583,6 @@ class PromptableEngine(Engine):
 def binary_to_logits(probability: np.ndarray) -> np.ndarray:
     """Area fractions in [0, 1] to symmetric log-odds of magnitude :data:`LOGIT_MAGNITUDE`."""
     return ((2.0 * probability - 1.0) * LOGIT_MAGNITUDE).astype(np.float32)
-
-
-def _as_rgb(image: np.ndarray) -> np.ndarray:
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = np.repeat(array[:, :, None], 3, axis=2)
-    if array.ndim != 3 or array.shape[2] not in (1, 3, 4):
-        raise UnsupportedPromptError(f"expected an H x W x 3 RGB image, got shape {array.shape}")
-    if array.shape[2] == 1:
-        array = np.repeat(array, 3, axis=2)
-    elif array.shape[2] == 4:
-        array = array[:, :, :3]
-    if array.dtype != np.uint8:
-        array = np.clip(array, 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(array)
 
 
 def dummy_image(height: int, width: int) -> np.ndarray:
