@@ -42,6 +42,10 @@ class Mask:
         if array.shape[0] < 1 or array.shape[1] < 1:
             raise MaskError(f"a mask must have a positive size, got shape {array.shape}")
         array = np.ascontiguousarray(array.astype(bool, copy=False))
+        if array.flags.writeable and np.shares_memory(array, np.asarray(self.data)):
+            # the caller's own array: copy it, so the mask cannot change under us and the
+            # caller's array stays writable
+            array = array.copy()
         array.setflags(write=False)
         object.__setattr__(self, "data", array)
 

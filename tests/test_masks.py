@@ -410,3 +410,12 @@ def test_tracing_a_large_complex_mask_is_fast() -> None:
     assert len(polygons) > 1000
     assert elapsed < 1.0, f"tracing took {elapsed:.2f}s"
     assert Mask.from_polygons(polygons, 1000, 1000) == mask
+
+
+def test_a_mask_neither_freezes_nor_follows_the_callers_array() -> None:
+    source = np.zeros((4, 5), dtype=bool)
+    mask = Mask(source)
+    source[0, 0] = True  # still writable
+    assert mask.area == 0  # and the mask kept its own copy
+    with pytest.raises(ValueError):
+        mask.data[1, 1] = True
