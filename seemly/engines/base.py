@@ -140,6 +140,7 @@ def _load_builtin_engines() -> None:
         "seemly.engines.sam",
         "seemly.engines.sam2",
         "seemly.engines.semantic",
+        "seemly.bench.baselines",  # grabcut, randomwalker: the benchmark's comparison engines
     ):
         try:
             importlib.import_module(module)
