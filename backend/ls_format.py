@@ -36,7 +36,6 @@ from plugin.labeling_config import ControlTag, ParsedConfig
 from seemly.engines.base import Segment
 from seemly.masks import Mask, MaskError, signed_area
 from seemly.prompts import MAX_TEXT_CHARS, Box, Click, MaskPrompt, Polygon, PromptError
-from seemly.text_labels import plural_forms
 
 PERCENT_TOLERANCE = 1e-6
 """Label Studio's own float arithmetic can land a hair past 100 %; that much is forgiven (and clamped)."""
@@ -170,27 +169,6 @@ def annotator_of(params: Mapping[str, Any], context: Mapping[str, Any], task: Ma
                 if user:
                     return user[:255]
     return "anonymous"
-
-
-def label_from_text(text: str, labels: Sequence[str]) -> str | None:
-    """The project label a text prompt names: exactly, ignoring case, or as a simple plural.
-
-    ``"Cats"`` names ``cat``; ``"buses"`` names ``bus``; ``"berries"`` names ``berry``; ``"sheep"``
-    names ``sheep``. Anything else (a description like "the red car") names no label.
-    """
-    wanted = " ".join(text.split()).casefold()
-    if not wanted:
-        return None
-
-    by_key = {label.casefold(): label for label in labels}
-    for form in plural_forms(wanted):
-        if form in by_key:
-            return by_key[form]
-    # the label may be the plural and the text singular
-    for key, label in by_key.items():
-        if wanted in plural_forms(key):
-            return label
-    return None
 
 
 # --- context -> prompts --------------------------------------------------------------------------

@@ -209,20 +209,6 @@ def test_prediction_respects_the_config_outputs() -> None:
     assert empty == {"result": [], "score": 0.0, "model_version": "v"}
 
 
-@pytest.mark.parametrize(
-    ("text", "label"),
-    [("cat", "cat"), ("Cats", "cat"), ("CAT ", "cat"), ("dogs", "dog"), ("the red car", None), ("ca", None)],
-)
-def test_label_from_text(text, label) -> None:
-    assert ls_format.label_from_text(text, ["cat", "dog"]) == label
-
-
-def test_label_from_text_plural_forms() -> None:
-    assert ls_format.label_from_text("buses", ["bus"]) == "bus"
-    assert ls_format.label_from_text("berries", ["berry"]) == "berry"
-    assert ls_format.label_from_text("person", ["persons"]) == "persons"
-
-
 def test_project_id_forms() -> None:
     assert ls_format.ls_project_id("12.1700000000") == 12
     assert ls_format.ls_project_id(12) == 12
