@@ -9,7 +9,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv ls-venv demo test e2e lint format bench bench-db bench-interactive clean
+.PHONY: venv ls-venv demo test e2e lint format audit bench bench-db bench-interactive clean
 
 venv: $(STAMP)
 
@@ -18,11 +18,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: a looser requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,sam]'
+	$(BIN)/pip install -q -e '.[dev,sam,clip]'
 	$(BIN)/pip install -q setuptools wheel
 	SAM2_BUILD_CUDA=0 $(BIN)/pip install -q --no-deps --no-build-isolation sam2==1.1.0
-	# pip check must be clean except for sam2's torchvision declaration (served by our shim).
-	@out="$$($(BIN)/pip check 2>&1)"; rest="$$(printf '%s\n' "$$out" | grep -v -e '^sam2 1\.1\.0 requires torchvision, which is not installed\.$$' -e '^No broken requirements found\.$$' || true)"; if [ -n "$$rest" ]; then printf '%s\n' "$$rest"; exit 1; fi
+	# open_clip like sam2: pinned, --no-deps (its pure-Python deps come with the 'clip' extra).
+	$(BIN)/pip install -q --no-deps open_clip_torch==3.3.0
+	# pip check must be clean except for the torchvision declarations of sam2 and open_clip (served by
+	# seemly/engines/torchvision_compat.py) and open_clip's timm (not installed: timm needs the real
+	# torchvision; open_clip imports it optionally).
+	@out="$$($(BIN)/pip check 2>&1)"; rest="$$(printf '%s\n' "$$out" | grep -v -e '^sam2 1\.1\.0 requires torchvision, which is not installed\.$$' -e '^open-clip-torch 3\.3\.0 requires torchvision, which is not installed\.$$' -e '^open-clip-torch 3\.3\.0 requires timm, which is not installed\.$$' -e '^No broken requirements found\.$$' || true)"; if [ -n "$$rest" ]; then printf '%s\n' "$$rest"; exit 1; fi
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -52,6 +56,15 @@ e2e: venv ls-venv  ## only the end-to-end tests against a real Label Studio serv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# pip-audit of every installed distribution (local version labels such as torch's +cpu stripped: the
+# advisories name the public version). --strict fails on any distribution it could not audit, so a run
+# without a reachable vulnerability service fails instead of looking green. AUDIT_SERVICE=osv|pypi.
+AUDIT_SERVICE ?= pypi
+audit: venv  ## known vulnerabilities in the venv (tests/test_dependency_audit.py runs the same in CI)
+	$(BIN)/pip freeze --exclude-editable | sed -E 's/\+[A-Za-z0-9.]+$$//' > $(VENV)/audit-requirements.txt
+	$(BIN)/pip-audit --strict --no-deps --disable-pip --progress-spinner off -s $(AUDIT_SERVICE) \
+		-r $(VENV)/audit-requirements.txt
 
 format: venv
 	$(BIN)/ruff format .

@@ -90,7 +90,7 @@ def square(size: int = 8, height: int = 24, width: int = 32) -> Mask:
 def test_migrations_up_down_up_on_postgres(empty_postgres_url: str) -> None:
     assert current_revision(empty_postgres_url) is None
     upgrade(empty_postgres_url)
-    assert current_revision(empty_postgres_url) == head_revision() == "0002"
+    assert current_revision(empty_postgres_url) == head_revision() == "0003"
     assert table_names(empty_postgres_url) == TABLES | {"alembic_version"}
     upgrade(empty_postgres_url)  # at head already: a no-op, not an error
 
@@ -113,7 +113,7 @@ def test_concurrent_upgrades_do_not_collide(empty_postgres_url: str) -> None:
     ]
     failures = [p.stderr.read() for p in processes if p.wait(timeout=120) != 0 and p.stderr is not None]
     assert not failures, failures
-    assert current_revision(empty_postgres_url) == "0002"
+    assert current_revision(empty_postgres_url) == "0003"
 
 
 def test_threads_may_call_upgrade_concurrently(tmp_path: Path) -> None:
@@ -132,7 +132,7 @@ def test_threads_may_call_upgrade_concurrently(tmp_path: Path) -> None:
     for thread in threads:
         thread.join(timeout=120)
     assert not errors, errors
-    assert current_revision(url) == "0002"
+    assert current_revision(url) == "0003"
 
 
 def _schema(url: str) -> dict[str, Any]:
@@ -199,7 +199,7 @@ def test_migrations_located_from_the_package(tmp_path: Path, monkeypatch: pytest
     monkeypatch.chdir(tmp_path)  # nothing depends on the working directory
     url = f"sqlite:///{tmp_path / 'elsewhere.db'}"
     upgrade(url)
-    assert current_revision(url) == "0002"
+    assert current_revision(url) == "0003"
 
 
 # --------------------------------------------------------------------------------------------
@@ -671,9 +671,9 @@ def test_session_scope_commits_or_rolls_back(postgres_db: Engine) -> None:
 def test_cli_db_upgrade_and_downgrade(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     assert cli.main(["db", "upgrade", "--url", url]) == 0
-    assert "base -> 0002" in capsys.readouterr().out
+    assert "base -> 0003" in capsys.readouterr().out
     assert cli.main(["db", "downgrade", "base", "--url", url]) == 0
-    assert "0002 -> base" in capsys.readouterr().out
+    assert "0003 -> base" in capsys.readouterr().out
     assert table_names(url) == {"alembic_version"}
 
 
@@ -689,5 +689,5 @@ def test_cli_db_upgrade_uses_settings_url(
         assert cli.main(["db", "upgrade"]) == 0
     finally:
         get_settings.cache_clear()
-    assert current_revision(url) == "0002"
+    assert current_revision(url) == "0003"
     capsys.readouterr()

@@ -761,10 +761,10 @@ def test_shim_is_installed_only_when_torchvision_is_missing(
 
     assert torchvision_compat.is_shim(torchvision) and batched_nms is torchvision_compat.batched_nms
     assert torchvision_compat.ensure_torchvision() is True  # idempotent
-    with pytest.raises(ImportError, match="Compose"):
-        from torchvision.transforms import Compose  # noqa: F401
+    with pytest.raises(ImportError, match="RandomHorizontalFlip"):
+        from torchvision.transforms import RandomHorizontalFlip  # noqa: F401
     with pytest.raises(AttributeError, match="torchvision is not installed"):
-        _ = torchvision.transforms.Compose
+        _ = torchvision.transforms.RandomHorizontalFlip
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("torchvision.models")
     torchvision_compat.uninstall_shim()

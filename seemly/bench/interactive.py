@@ -23,7 +23,7 @@ from typing import Any
 
 from seemly.bench import metrics, simulator
 from seemly.bench.datasets import Dataset, Sample
-from seemly.engines.base import Engine, create_engine
+from seemly.engines.base import Engine, EngineError, create_engine
 from seemly.masks import Mask
 from seemly.prompts import PromptRound
 
@@ -41,6 +41,19 @@ def configure(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()) -> N
     parser.add_argument("--max-clicks", type=int, default=20)
     parser.add_argument("--limit", type=int, default=None, help="only the first N images (sorted by stem)")
     parser.add_argument("--checkpoint", default=None, help="weights URI for engines that need them (sam)")
+    parser.add_argument(
+        "--clip-checkpoint",
+        default=None,
+        help="open_clip weights URI (path, file:// or s3://) for the 'semantic' engine's text prompts",
+    )
+    parser.add_argument(
+        "--clip-model", default="ViT-B-32", help="open_clip architecture of --clip-checkpoint"
+    )
+    parser.add_argument(
+        "--clip-config",
+        default=None,
+        help="open_clip model config JSON (a custom architecture; overrides --clip-model)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write summaries and per-image results here")
     parser.add_argument("--markdown", type=Path, default=None, help="write the markdown table here")
     parser.add_argument(
@@ -53,11 +66,15 @@ def configure(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()) -> N
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _engines(names: list[str], checkpoint: str | None) -> dict[str, Engine]:
+def _engines(
+    names: list[str], checkpoint: str | None, clip: dict[str, Any] | None = None
+) -> dict[str, Engine]:
+    """The engines by name; ``clip`` (``clip``, ``clip_model``, ``clip_config``) goes to 'semantic' only."""
     import seemly.bench.baselines  # noqa: F401  (registers "grabcut" and "randomwalker")
 
     options: dict[str, Any] = {"checkpoint": checkpoint} if checkpoint else {}
-    return {name: create_engine(name, **options) for name in names}
+    extra = {"semantic": clip} if clip and clip.get("clip") else {}
+    return {name: create_engine(name, **options, **extra.get(name, {})) for name in names}
 
 
 def evaluate_image(
@@ -156,7 +173,15 @@ def run(args: argparse.Namespace, words: tuple[str, ...] = ()) -> int:
         print("--max-clicks must be at least 1", file=sys.stderr)
         return 2
     dataset = Dataset(args.dataset, args.limit)
-    engines = _engines(names, args.checkpoint)
+    clip = {"clip": args.clip_checkpoint, "clip_model": args.clip_model, "clip_config": args.clip_config}
+    if args.clip_checkpoint and "semantic" not in names:
+        print("--clip-checkpoint is used by the 'semantic' engine: add it to --engine", file=sys.stderr)
+        return 2
+    try:
+        engines = _engines(names, args.checkpoint, clip)
+    except EngineError as exc:  # missing weights, wrong architecture, ...: a message, not a traceback
+        print(f"cannot create the engines: {exc}", file=sys.stderr)
+        return 2
     summaries, rows = run_benchmark(
         dataset,
         engines,

@@ -19,19 +19,35 @@ be replayed (a retried Ray task racing the original), the mask key turns it into
 
 Functions take an :class:`~sqlalchemy.Engine` (each call is its own transaction) or a
 :class:`~sqlalchemy.Connection` (the caller's transaction, committed by the caller).
+
+Big batches given an **Engine** (:data:`PARALLEL_MIN_ROWS` rows or more) are split by image over
+:data:`PARALLEL_CONNECTIONS` connections, each chunk COPYed in its own transaction at the same time:
+COPY scales with server backends, and both the client's encoding and the server's inserts run on
+more than one core. Such a call is not atomic (a failure can leave other chunks committed), which
+is safe because the unique keys make a re-run insert only what is missing; every reference is
+checked before anything is written, so a batch naming a missing image writes nothing. A caller that
+needs all-or-nothing passes a Connection, as the per-image writes of bucket jobs do.
+
+Referential integrity of ``masks`` is enforced by statement-level triggers rather than per-row
+foreign keys (:mod:`seemly.db.mask_references`); a missing project, image or model version raises
+:class:`MissingReferenceError` on every path.
 """
 
 from __future__ import annotations
 
 import json
+import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from json.encoder import encode_basestring
 from typing import Any
 
+import psycopg.errors
 from pycocotools import mask as coco_mask
 from sqlalchemy import Connection, Engine, Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.dml import Insert
 
 from seemly.db.models import Image, ImageUri, JobItem, MaskSource
@@ -73,6 +89,16 @@ CHUNK_ROWS = 10_000
 #: handful of rows (one image's masks) that is faster than COPY, and creating a staging table per
 #: image would churn the system catalogs at bucket scale.
 COPY_MIN_ROWS = 1_000
+
+#: Engine-bound batches this big are written over several connections at once (see the module doc).
+PARALLEL_MIN_ROWS = 20_000
+#: Connections for such a batch: two saturate a 2-core database host (docs/benchmarks.md).
+PARALLEL_CONNECTIONS = 2
+
+
+class MissingReferenceError(ValueError):
+    """Mask rows name a project, image or model version that does not exist; the write inserted nothing."""
+
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -293,22 +319,100 @@ def _copy_rows(values: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
         )
 
 
-def write_masks(bind: Engine | Connection, rows: Iterable[Mapping[str, Any]]) -> int:
-    """Insert mask rows, skipping those whose unique key already exists; returns how many were new.
-
-    Each row is a mapping with keys from :data:`MASK_COLUMNS` (see :func:`mask_row`): required
-    ``project_id``, ``image_id``, ``source``, ``rle``; ``area``/``bbox`` are computed from the RLE
-    when ``area`` is absent. Running the same rows again inserts nothing.
-    """
-    values = [_mask_values(i, row) for i, row in enumerate(rows)]
-    if not values:
-        return 0
-    with _connection(bind) as conn:
+def _write_values(conn: Connection, values: Sequence[tuple[Any, ...]]) -> int:
+    try:
         if conn.dialect.name == "postgresql" and len(values) >= COPY_MIN_ROWS:
             return _copy_insert(
                 conn, "masks", MASK_COLUMNS, _MASK_STAGE_TYPES, _copy_rows(values), casts=_MASK_CASTS
             )
         return _executemany_insert(conn, MaskRecord.__table__, MASK_COLUMNS, values)
+    except (psycopg.errors.ForeignKeyViolation, IntegrityError) as exc:
+        cause = exc.orig if isinstance(exc, IntegrityError) else exc
+        missing = isinstance(cause, psycopg.errors.ForeignKeyViolation) or (
+            isinstance(cause, sqlite3.IntegrityError) and "masks reference" in str(cause)
+        )
+        if not missing:
+            raise
+        message = getattr(getattr(cause, "diag", None), "message_primary", None) or str(cause)
+        raise MissingReferenceError(f"{message}; this write inserted no mask") from exc
+
+
+def _check_references(conn: Connection, values: Sequence[tuple[Any, ...]]) -> None:
+    """Raise :class:`MissingReferenceError` unless every referenced parent row exists (one query each).
+
+    A fast, clear refusal before a parallel write starts; the triggers still guard every row.
+    """
+    from seemly.db.mask_references import PARENTS
+
+    for table, column, noun, _kind in PARENTS:
+        index = MASK_COLUMNS.index(column)
+        wanted = sorted({int(row[index]) for row in values if row[index] is not None})
+        if not wanted:
+            continue
+        found = set(
+            conn.exec_driver_sql(f"SELECT id FROM {table} WHERE id = ANY(%(ids)s)", {"ids": wanted}).scalars()
+        )
+        if len(found) < len(wanted):
+            missing = [i for i in wanted if i not in found]
+            shown = ", ".join(map(str, missing[:5])) + (", …" if len(missing) > 5 else "")
+            raise MissingReferenceError(
+                f"masks reference {noun} {shown}, which does not exist ({len(missing)} missing "
+                f"{table} id(s)); no mask of this batch was written"
+            )
+
+
+def _pool_capacity(engine: Engine) -> int | None:
+    """How many connections the engine's pool can hand out at once (None: no limit)."""
+    pool = engine.pool
+    size, overflow = getattr(pool, "size", None), getattr(pool, "_max_overflow", None)
+    if not callable(size) or not isinstance(overflow, int) or overflow < 0:
+        return None
+    return int(size()) + overflow
+
+
+def _write_parallel(engine: Engine, values: Sequence[tuple[Any, ...]], connections: int) -> int:
+    """Split by image (a unique key never spans two chunks: no waits, no deadlocks) and write at once."""
+    with engine.connect() as conn:
+        _check_references(conn, values)
+    chunks: list[list[tuple[Any, ...]]] = [[] for _ in range(connections)]
+    for row in values:
+        chunks[int(row[1]) % connections].append(row)
+
+    def write(chunk: Sequence[tuple[Any, ...]]) -> int:
+        with engine.begin() as conn:
+            return _write_values(conn, chunk)
+
+    with ThreadPoolExecutor(connections, thread_name_prefix="seemly-write-masks") as pool:
+        return sum(pool.map(write, [chunk for chunk in chunks if chunk]))
+
+
+def write_masks(
+    bind: Engine | Connection, rows: Iterable[Mapping[str, Any]], *, connections: int | None = None
+) -> int:
+    """Insert mask rows, skipping those whose unique key already exists; returns how many were new.
+
+    Each row is a mapping with keys from :data:`MASK_COLUMNS` (see :func:`mask_row`): required
+    ``project_id``, ``image_id``, ``source``, ``rle``; ``area``/``bbox`` are computed from the RLE
+    when ``area`` is absent. Running the same rows again inserts nothing. A row naming a project,
+    image or model version that does not exist raises :class:`MissingReferenceError`.
+
+    With an Engine and at least :data:`PARALLEL_MIN_ROWS` rows on Postgres, the batch is written
+    over ``connections`` (default :data:`PARALLEL_CONNECTIONS`) connections, each chunk its own
+    transaction (see the module docstring); ``connections=1`` keeps one transaction.
+    """
+    values = [_mask_values(i, row) for i, row in enumerate(rows)]
+    if not values:
+        return 0
+    connections = PARALLEL_CONNECTIONS if connections is None else connections
+    if connections < 1:
+        raise ValueError(f"connections must be >= 1, got {connections}")
+    if isinstance(bind, Engine) and bind.dialect.name == "postgresql" and len(values) >= PARALLEL_MIN_ROWS:
+        capacity = _pool_capacity(bind)
+        connections = connections if capacity is None else min(connections, capacity)
+        if connections > 1:
+            return _write_parallel(bind, values, connections)
+    with _connection(bind) as conn:
+        return _write_values(conn, values)
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,4 +482,13 @@ def add_job_items(bind: Engine | Connection, job_id: int, item_keys: Iterable[st
         return _executemany_insert(conn, JobItem.__table__, columns, rows)
 
 
-__all__ = ["MASK_COLUMNS", "add_job_items", "mask_row", "upsert_images", "write_masks"]
+__all__ = [
+    "MASK_COLUMNS",
+    "PARALLEL_CONNECTIONS",
+    "PARALLEL_MIN_ROWS",
+    "MissingReferenceError",
+    "add_job_items",
+    "mask_row",
+    "upsert_images",
+    "write_masks",
+]

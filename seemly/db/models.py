@@ -60,6 +60,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
     func,
     text,
 )
@@ -474,9 +475,11 @@ class Mask(Base):
     )
 
     id: Mapped[int] = mapped_column(BigIntId, primary_key=True)
-    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
-    model_version_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", ondelete="CASCADE"))
+    # References without per-row foreign keys: statement-level triggers check them once per batch
+    # and cascade deletes (seemly/db/mask_references.py, migration 0003, docs/benchmarks.md).
+    project_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    image_id: Mapped[int] = mapped_column(BigIntId, nullable=False)
+    model_version_id: Mapped[int | None] = mapped_column(Integer)
     source: Mapped[MaskSource] = mapped_column(_str_enum(MaskSource, "mask_source"), nullable=False)
     label: Mapped[str] = mapped_column(String(200), nullable=False, default="", server_default="")
     ordinal: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
@@ -491,8 +494,10 @@ class Mask(Base):
     ls_annotation_id: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = _created()
 
-    image: Mapped[Image] = relationship()
-    model_version: Mapped[ModelVersion | None] = relationship()
+    image: Mapped[Image] = relationship(primaryjoin="foreign(Mask.image_id) == Image.id")
+    model_version: Mapped[ModelVersion | None] = relationship(
+        primaryjoin="foreign(Mask.model_version_id) == ModelVersion.id"
+    )
 
     def __repr__(self) -> str:
         return (
@@ -588,6 +593,17 @@ class Uncertainty(Base):
         JSONType, nullable=False, default=dict, server_default=text("'{}'")
     )
     computed_at: Mapped[datetime] = _created()
+
+
+def _install_mask_references(_metadata: Any, connection: Any, **kw: Any) -> None:
+    """``metadata.create_all`` gets the integrity triggers of migration 0003 too (after every table)."""
+    from seemly.db import mask_references
+
+    if any(table.name == "masks" for table in kw.get("tables") or ()):
+        mask_references.install(connection)
+
+
+event.listen(Base.metadata, "after_create", _install_mask_references)
 
 
 __all__ = [

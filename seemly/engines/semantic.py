@@ -642,6 +642,8 @@ def create_semantic_engine(
     label_model: LabelModel | str | None = None,
     *,
     clip: Scorer | str | None = None,
+    clip_model: str = "ViT-B-32",
+    clip_config: str | None = None,
     storage: Any | None = None,
     image_loader: Callable[[str], np.ndarray] | None = None,
     text_matcher: TextLabelMatcher | None = None,
@@ -653,7 +655,8 @@ def create_semantic_engine(
     ``base`` is an engine or a registered engine name (``engine_options`` go to it); ``labels`` the
     project's label names (default: the label model's); ``label_model`` a model or its artifact URI
     (read with ``storage``, default from the settings); ``clip`` an open-vocabulary scorer or the
-    URI of a CLIP checkpoint (:class:`~seemly.engines.clip_scorer.ClipScorer`, needs open-clip-torch).
+    URI of a CLIP checkpoint (:class:`~seemly.engines.clip_scorer.ClipScorer`) of the open_clip
+    architecture ``clip_model``, or of the one described by the model config JSON ``clip_config``.
     """
     if isinstance(base, str):
         from seemly.engines.base import create_engine
@@ -662,7 +665,7 @@ def create_semantic_engine(
     if isinstance(clip, str):
         from seemly.engines.clip_scorer import ClipScorer
 
-        clip = ClipScorer(clip)
+        clip = ClipScorer(clip, clip_model, model_config=clip_config, storage=storage)
     if isinstance(label_model, str):
         if storage is None:
             from seemly.config import get_settings

@@ -1,11 +1,11 @@
-"""A minimal ``torchvision`` stand-in for the SAM adapters, installed only when torchvision is missing.
+"""A minimal ``torchvision`` stand-in for SAM, SAM 2 and open_clip, installed only when torchvision is missing.
 
 Why
 ---
 seemly pins torch (2.13.0, CPU wheel by default) and the torchvision wheels on PyPI are each built
 against one exact torch release: a mismatched one fails at import, and a matching one would drag in
-another multi-GB torch. Yet the official ``segment-anything`` and ``sam2`` packages import only a
-handful of torchvision functions:
+another multi-GB torch. Yet the official ``segment-anything``, ``sam2`` and ``open_clip_torch``
+packages import only a handful of torchvision functions:
 
 =====================================================  ==========================================
 ``torchvision.ops.boxes.batched_nms``, ``box_area``     the automatic ("everything") mask generators
@@ -13,12 +13,19 @@ handful of torchvision functions:
 ``to_pil_image``                                        (ResizeLongestSide on numpy images)
 ``torchvision.transforms.Resize``, ``Normalize``,       ``sam2.utils.transforms.SAM2Transforms``
 ``ToTensor``                                            (scripted with ``torch.jit.script``)
+``Compose``, ``Resize(int)``, ``CenterCrop``,           ``open_clip.transform`` (inference
+``functional.get_dimensions``, ``pad``, ``crop``,       preprocessing: shortest-edge bicubic
+``center_crop``, ``to_tensor``                          resize, centre crop or pad, normalise)
+``torchvision.ops.misc.FrozenBatchNorm2d``              ``open_clip.utils`` (frozen ResNet towers)
 =====================================================  ==========================================
 
 :func:`ensure_torchvision` puts small, pure-torch/PIL implementations of exactly these (same
-signatures, same numerics: PIL bilinear resize for PIL images, antialiased bilinear
-``F.interpolate`` for tensors, greedy NMS with torchvision's IoU and its "suppress when IoU >
-threshold" rule) into ``sys.modules`` under the ``torchvision`` names.
+signatures, same numerics: PIL resampling for PIL images, antialiased ``F.interpolate`` for tensors,
+torchvision's output-size and crop-offset rounding, greedy NMS with torchvision's IoU and its
+"suppress when IoU > threshold" rule) into ``sys.modules`` under the ``torchvision`` names.
+``open_clip.transform`` also imports the training augmentations ``RandomResizedCrop``,
+``ColorJitter`` and ``Grayscale``: the shim has them only as names that refuse to run (seemly uses
+open_clip for inference; train CLIP where the real torchvision is installed).
 
 Rules
 -----
@@ -43,7 +50,7 @@ import logging
 import sys
 import threading
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -59,6 +66,7 @@ _MODULE_NAMES = (
     "torchvision",
     "torchvision.ops",
     "torchvision.ops.boxes",
+    "torchvision.ops.misc",
     "torchvision.transforms",
     "torchvision.transforms.functional",
 )
@@ -116,6 +124,37 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     max_coordinate = boxes64.max()
     offsets = idxs.detach().to(boxes64) * (max_coordinate + 1)
     return nms(boxes64 + offsets[:, None], scores, iou_threshold)
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """``torchvision.ops.misc.FrozenBatchNorm2d``: batch norm with fixed statistics and affine terms.
+
+    Same buffers (``weight``, ``bias``, ``running_mean``, ``running_var``) and the same arithmetic,
+    ``x * weight / sqrt(running_var + eps) + bias - running_mean * scale``, as torchvision.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any) -> None:
+        state_dict.pop(prefix + "num_batches_tracked", None)  # as torchvision: BatchNorm2d weights load
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight.reshape(1, -1, 1, 1)
+        b = self.bias.reshape(1, -1, 1, 1)
+        rv = self.running_var.reshape(1, -1, 1, 1)
+        rm = self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        return x * scale + (b - rm * scale)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 # --- torchvision.transforms -------------------------------------------------------------------------
@@ -235,6 +274,141 @@ def normalize(tensor: Tensor, mean: list[float], std: list[float], inplace: bool
     return (tensor - mean_t) / std_t
 
 
+def get_dimensions(img: Any) -> list[int]:
+    """``[channels, height, width]`` of a PIL image or a ``(..., C, H, W)`` tensor."""
+    if isinstance(img, Tensor):
+        channels = 1 if img.dim() == 2 else int(img.shape[-3])
+        return [channels, int(img.shape[-2]), int(img.shape[-1])]
+    width, height = img.size
+    return [len(img.getbands()), height, width]
+
+
+def crop(img: Any, top: int, left: int, height: int, width: int) -> Any:
+    """The ``height x width`` region at ``(top, left)``; outside the image is zero (as torchvision)."""
+    if not isinstance(img, Tensor):
+        return img.crop((left, top, left + width, top + height))  # PIL fills outside with zeros too
+    _, h, w = get_dimensions(img)
+    right, bottom = left + width, top + height
+    if left < 0 or top < 0 or right > w or bottom > h:
+        padding = [max(-left, 0), max(-top, 0), max(right - w, 0), max(bottom - h, 0)]
+        img = pad(img, padding)
+        top, left = max(top, 0), max(left, 0)
+    return img[..., top : top + height, left : left + width]
+
+
+def pad(img: Any, padding: int | Sequence[int], fill: int | float | Sequence[int] = 0) -> Any:
+    """Constant padding; ``padding`` is one int, ``[lr, tb]`` or ``[left, top, right, bottom]``."""
+    values = [padding] if isinstance(padding, int) else [int(v) for v in padding]
+    if len(values) == 1:
+        left = top = right = bottom = values[0]
+    elif len(values) == 2:
+        left = right = values[0]
+        top = bottom = values[1]
+    elif len(values) == 4:
+        left, top, right, bottom = values
+    else:
+        raise ValueError(f"padding must be an int or 1, 2 or 4 ints, got {padding!r}")
+    if isinstance(img, Tensor):
+        if not isinstance(fill, int | float):
+            raise NotImplementedError("seemly's torchvision shim pads tensors with one constant value only")
+        return F.pad(img, [left, right, top, bottom], mode="constant", value=float(fill))
+    from PIL import Image
+
+    width, height = img.size
+    colour = fill if isinstance(fill, int | float) else tuple(fill)
+    if isinstance(colour, int | float) and len(img.getbands()) > 1:
+        colour = (int(colour),) * len(img.getbands())
+    out = Image.new(img.mode, (width + left + right, height + top + bottom), colour)  # type: ignore[arg-type]
+    out.paste(img, (left, top))
+    return out
+
+
+def center_crop(img: Any, output_size: int | Sequence[int]) -> Any:
+    """The centred ``output_size`` crop, padded with zeros first when the image is smaller."""
+    if isinstance(output_size, int):
+        crop_h = crop_w = int(output_size)
+    elif len(output_size) == 1:
+        crop_h = crop_w = int(output_size[0])
+    else:
+        crop_h, crop_w = int(output_size[0]), int(output_size[1])
+    _, height, width = get_dimensions(img)
+    if crop_w > width or crop_h > height:
+        padding = [
+            (crop_w - width) // 2 if crop_w > width else 0,
+            (crop_h - height) // 2 if crop_h > height else 0,
+            (crop_w - width + 1) // 2 if crop_w > width else 0,
+            (crop_h - height + 1) // 2 if crop_h > height else 0,
+        ]
+        img = pad(img, padding)
+        _, height, width = get_dimensions(img)
+        if crop_w == width and crop_h == height:
+            return img
+    top = round((height - crop_h) / 2.0)
+    left = round((width - crop_w) / 2.0)
+    return crop(img, top, left, crop_h, crop_w)
+
+
+class Compose:
+    """``torchvision.transforms.Compose``: apply the transforms in order."""
+
+    def __init__(self, transforms: Sequence[Callable[[Any], Any]]) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, img: Any) -> Any:
+        for transform in self.transforms:
+            img = transform(img)
+        return img
+
+    def __repr__(self) -> str:
+        inner = "".join(f"\n    {t}" for t in self.transforms)
+        return f"Compose({inner}\n)"
+
+
+class CenterCrop(nn.Module):
+    """``torchvision.transforms.CenterCrop`` (see :func:`center_crop`)."""
+
+    def __init__(self, size: Any) -> None:
+        super().__init__()
+        if isinstance(size, int):
+            self.size = (int(size), int(size))
+        elif len(size) == 1:
+            self.size = (int(size[0]), int(size[0]))
+        else:
+            self.size = (int(size[0]), int(size[1]))
+
+    def forward(self, img: Any) -> Any:
+        return center_crop(img, self.size)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
+
+
+class _TrainingOnly:
+    """A training augmentation open_clip imports; the shim does not implement it (see the module doc)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.args, self.kwargs = args, kwargs
+
+    def __call__(self, img: Any) -> Any:
+        raise NotImplementedError(
+            f"torchvision.transforms.{type(self).__name__} is a training augmentation that seemly's "
+            "torchvision shim (seemly.engines.torchvision_compat) does not implement; seemly runs "
+            "open_clip for inference only. Install a torchvision built for this torch to train"
+        )
+
+
+class RandomResizedCrop(_TrainingOnly):
+    pass
+
+
+class ColorJitter(_TrainingOnly):
+    pass
+
+
+class Grayscale(_TrainingOnly):
+    pass
+
+
 class ToTensor:
     """``torchvision.transforms.ToTensor``: PIL / uint8 array to a float tensor in [0, 1]."""
 
@@ -245,8 +419,28 @@ class ToTensor:
         return "ToTensor()"
 
 
+def _shortest_edge_size(height: int, width: int, target: int, max_size: int | None) -> list[int]:
+    """torchvision's ``Resize(int)`` output ``[height, width]``: the shorter side becomes ``target``."""
+    short, long = (height, width) if height <= width else (width, height)
+    new_short, new_long = target, int(target * long / short)
+    if max_size is not None and new_long > max_size:
+        new_short, new_long = int(max_size * new_short / new_long), max_size
+    if height <= width:
+        return [new_short, new_long]
+    return [new_long, new_short]
+
+
 class Resize(nn.Module):
-    """``torchvision.transforms.Resize`` for tensors (scriptable); PIL images go to :func:`resize`."""
+    """``torchvision.transforms.Resize``: ``(height, width)`` or, for an int, the shorter side.
+
+    Tensors are resized with ``F.interpolate`` (scriptable: SAM 2 compiles it); PIL images with PIL's
+    own filter, as torchvision does.
+    """
+
+    size: list[int]
+    max_size: int | None
+    mode: str
+    antialias: bool
 
     def __init__(
         self,
@@ -256,33 +450,45 @@ class Resize(nn.Module):
         antialias: Any = True,
     ) -> None:
         super().__init__()
-        if isinstance(size, int):
-            raise NotImplementedError(
-                "seemly's torchvision shim supports Resize((height, width)) only; install torchvision"
-            )
-        if len(size) != 2:
-            raise ValueError(f"size must be (height, width), got {size!r}")
-        self.size: list[int] = [int(size[0]), int(size[1])]
-        self.mode: str = (
-            interpolation.value if isinstance(interpolation, InterpolationMode) else str(interpolation)
+        sizes = [int(size)] if isinstance(size, int) else [int(v) for v in size]
+        if len(sizes) not in (1, 2):
+            raise ValueError(f"size must be an int or (height, width), got {size!r}")
+        if max_size is not None and len(sizes) != 1:
+            raise ValueError("max_size is only allowed when size is a single int")
+        self.size = sizes
+        self.max_size = None if max_size is None else int(max_size)
+        self.interpolation = (
+            interpolation
+            if isinstance(interpolation, InterpolationMode)
+            else InterpolationMode(interpolation)
         )
-        self.antialias: bool = bool(antialias) if antialias is not None else True
+        self.mode = self.interpolation.value
+        self.antialias = bool(antialias) if antialias is not None else True
+
+    @torch.jit.unused
+    def _resize_pil(self, img: Any) -> Any:
+        return resize(img, self.size, self.interpolation, self.max_size, self.antialias)
 
     def forward(self, img: Tensor) -> Tensor:
+        if not isinstance(img, Tensor):  # a PIL image (never true, so never compiled, when scripted)
+            return self._resize_pil(img)
         squeeze = img.dim() == 3
         batch = img.unsqueeze(0) if squeeze else img
+        size = self.size
+        if len(size) == 1:
+            size = _shortest_edge_size(int(batch.shape[-2]), int(batch.shape[-1]), size[0], self.max_size)
         if self.mode == "bilinear" or self.mode == "bicubic":
             out = F.interpolate(
-                batch, size=self.size, mode=self.mode, align_corners=False, antialias=self.antialias
+                batch, size=size, mode=self.mode, align_corners=False, antialias=self.antialias
             )
         else:
-            out = F.interpolate(batch, size=self.size, mode=self.mode)
+            out = F.interpolate(batch, size=size, mode=self.mode)
         if squeeze:
             out = out.squeeze(0)
         return out
 
     def extra_repr(self) -> str:
-        return f"size={self.size}, interpolation={self.mode}, antialias={self.antialias}"
+        return f"size={self.size}, interpolation={self.mode}, max_size={self.max_size}, antialias={self.antialias}"
 
 
 class Normalize(nn.Module):
@@ -340,9 +546,10 @@ def _build() -> dict[str, types.ModuleType]:
     boxes = _module(
         "torchvision.ops.boxes", {"nms": nms, "batched_nms": batched_nms, "box_area": box_area}, False
     )
+    misc = _module("torchvision.ops.misc", {"FrozenBatchNorm2d": FrozenBatchNorm2d}, False)
     ops = _module(
         "torchvision.ops",
-        {"boxes": boxes, "nms": nms, "batched_nms": batched_nms, "box_area": box_area},
+        {"boxes": boxes, "misc": misc, "nms": nms, "batched_nms": batched_nms, "box_area": box_area},
         True,
     )
     functional = _module(
@@ -352,6 +559,10 @@ def _build() -> dict[str, types.ModuleType]:
             "to_pil_image": to_pil_image,
             "to_tensor": to_tensor,
             "normalize": normalize,
+            "get_dimensions": get_dimensions,
+            "crop": crop,
+            "pad": pad,
+            "center_crop": center_crop,
             "InterpolationMode": InterpolationMode,
         },
         False,
@@ -360,10 +571,15 @@ def _build() -> dict[str, types.ModuleType]:
         "torchvision.transforms",
         {
             "functional": functional,
+            "Compose": Compose,
             "Resize": Resize,
+            "CenterCrop": CenterCrop,
             "Normalize": Normalize,
             "ToTensor": ToTensor,
             "InterpolationMode": InterpolationMode,
+            "RandomResizedCrop": RandomResizedCrop,
+            "ColorJitter": ColorJitter,
+            "Grayscale": Grayscale,
         },
         True,
     )
@@ -372,6 +588,7 @@ def _build() -> dict[str, types.ModuleType]:
         "torchvision": root,
         "torchvision.ops": ops,
         "torchvision.ops.boxes": boxes,
+        "torchvision.ops.misc": misc,
         "torchvision.transforms": transforms,
         "torchvision.transforms.functional": functional,
     }
@@ -389,7 +606,7 @@ def _purge() -> None:
 
 
 def ensure_torchvision() -> bool:
-    """Make ``import torchvision`` work for segment-anything / sam2; True when the shim is in use.
+    """Make ``import torchvision`` work for segment-anything / sam2 / open_clip; True when the shim is in use.
 
     Idempotent and thread-safe. A real, importable torchvision is left alone (returns False).
     """
@@ -409,7 +626,9 @@ def ensure_torchvision() -> bool:
                 )
                 _purge()
         sys.modules.update(_build())
-        log.info("torchvision is not installed: using seemly's minimal shim for segment-anything / sam2")
+        log.info(
+            "torchvision is not installed: using seemly's minimal shim (segment-anything, sam2, open_clip)"
+        )
         return True
 
 
