@@ -38,16 +38,17 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, select, update
+from sqlalchemy.exc import DBAPIError
 
 from seemly.config import Settings, get_settings
 from seemly.db.jobs import create_job, finish_job, refresh_counts
 from seemly.db.models import ItemStatus, Job, JobItem, JobStatus
 from seemly.db.registry import ensure_model_version, ensure_project
-from seemly.db.session import make_engine
+from seemly.db.session import is_disconnect, make_engine, retry_disconnects
 from seemly.pipeline import SegmentMode
 from seemly.storage import FileLocation, S3Location, Storage, StorageError, display_uri, parse_uri
 from workers.box_prompts import BoxPrompt, BoxPromptsError, load_box_prompts
-from workers.presegment_stages import BOXES_MODE, JobSpec, SegmentWriter, make_source
+from workers.presegment_stages import BOXES_MODE, DB_RETRY_S, JobSpec, SegmentWriter, make_source
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class PresegmentOptions:
     abort_after_internal_errors: int = 50  # consecutive items failing on a bug (not a bad image) stop the job
     stale_after_s: float = DEFAULT_STALE_S
     progress: bool = True
+    db_retry_s: float = DB_RETRY_S  # how long every stage waits out an unreachable database
 
 
 @dataclass
@@ -400,6 +402,7 @@ def presegment(
             chunk_rows=options.chunk_rows,
             packet_rows=options.batch_size,
             fetch_threads=options.fetch_threads,
+            db_retry_s=options.db_retry_s,
         )
         del engine  # the actors build their own
         return _execute(db, spec, box_prompts, options, settings, resumed, started)
@@ -503,15 +506,24 @@ def _execute(
                 )
             bar.update(n)
             if time.monotonic() >= next_refresh:
-                counts = refresh_counts(db, spec.job_id)
-                _show(bar, counts)
+                try:
+                    counts = refresh_counts(db, spec.job_id)
+                    _show(bar, counts)
+                except DBAPIError as exc:  # progress can wait for the database; the work goes on
+                    if not is_disconnect(exc):
+                        raise
+                    log.warning("job %s: progress not refreshed, the database is unreachable", spec.job_id)
                 next_refresh = time.monotonic() + options.refresh_s
         status = JobStatus.SUCCEEDED
     except KeyboardInterrupt:
         status = JobStatus.CANCELLED
         raise
     finally:
-        counts = finish_job(db, spec.job_id, status)
+        counts = retry_disconnects(
+            lambda: finish_job(db, spec.job_id, status),
+            what=f"job {spec.job_id}: recording its end",
+            deadline_s=options.db_retry_s,
+        )
         _show(bar, counts, final=True)
         bar.close()
     return PresegmentResult(

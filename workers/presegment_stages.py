@@ -19,7 +19,9 @@ Exactly-once rests on three facts, each enforced by Postgres rather than by the 
    turns the second write into a no-op.
 
 Nothing here keeps state that matters across a crash: kill any process at any moment and the
-database is consistent; rerun and the rest gets done.
+database is consistent; rerun and the rest gets done. A database that goes away for a while (a
+restart, a failover) is waited out (:data:`DB_RETRY_S`) and the interrupted transaction replayed,
+which fact 3 makes harmless: the job pauses instead of stopping (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from seemly.db.bulk import add_job_items, mask_row, upsert_images, write_masks
 from seemly.db.models import ItemStatus, JobItem, MaskSource
+from seemly.db.session import retry_disconnects
 from seemly.engines.base import Engine as SegEngine
 from seemly.engines.base import EngineError, Segment
 from seemly.images import ImageError, decode_image
@@ -56,6 +59,9 @@ MAX_ERROR_CHARS = 2000
 INTERNAL_ERROR = "internal error:"
 """Prefix of the reason of an item that failed on an unexpected exception (a bug, not a bad image)."""
 WRITE_ATTEMPTS = 4  # a deadlock between two writers is retried, anything else fails the batch
+DB_RETRY_S = 120.0
+"""How long a stage waits for an unreachable database (a Postgres restart or failover) before it
+gives up and the job stops (rerun to resume). Every write is idempotent, so retrying is safe."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,7 @@ class JobSpec:
     chunk_rows: int = 256  # items per registration transaction
     packet_rows: int = 8  # items per work packet (one actor call, one write transaction)
     fetch_threads: int = 8
+    db_retry_s: float = DB_RETRY_S  # wait this long for an unreachable database (see DB_RETRY_S)
 
 
 def _db(url: str) -> Engine:
@@ -191,8 +198,14 @@ def iter_source_items(
     try:
         for chunk in _chunks(entries, spec.chunk_rows):
             keys = [uri for uri, _size, _boxes in chunk]
-            with db.begin() as conn:
-                todo = register_chunk(conn, spec, keys)
+
+            def register(keys: list[str] = keys) -> set[str]:
+                with db.begin() as conn:
+                    return register_chunk(conn, spec, keys)
+
+            todo = retry_disconnects(
+                register, what=f"job {spec.job_id}: registering items", deadline_s=spec.db_retry_s
+            )
             rows = [entry for entry in chunk if entry[0] in todo]
             if rows:
                 yield {
@@ -392,14 +405,25 @@ class SegmentWriter:
         }
 
     def _write(self, outcomes: Sequence[ImageOutcome]) -> list[int]:
-        """Commit the batch (images, masks, marks) in one transaction; returns masks per item."""
+        """Commit the batch (images, masks, marks) in one transaction; returns masks per item.
+
+        A lost database (restart, failover) is waited for up to ``spec.db_retry_s``: the batch's
+        work is kept and the transaction replayed, which the unique keys make harmless.
+        """
+        return retry_disconnects(
+            lambda: self._write_retrying_deadlocks(outcomes),
+            what=f"job {self.spec.job_id}: writing a batch",
+            deadline_s=self.spec.db_retry_s,
+        )
+
+    def _write_retrying_deadlocks(self, outcomes: Sequence[ImageOutcome]) -> list[int]:
         spec = self.spec
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
                 with self.db.begin() as conn:
                     return self._write_in(conn, outcomes)
             except OperationalError as exc:  # deadlock / serialization failure: retry the whole batch
-                if attempt == WRITE_ATTEMPTS or not _retryable(exc):
+                if attempt == WRITE_ATTEMPTS or not _retryable(exc):  # a disconnect: see _write
                     raise
                 log.warning("job %s: batch write retried after %s", spec.job_id, type(exc.orig).__name__)
                 time.sleep(0.05 * attempt)

@@ -11,20 +11,30 @@ every backend, SQLite included, so that the demo runs the same DDL as production
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from seemly.config import get_settings
 
 #: How long a SQLite writer waits for another writer's lock before failing (milliseconds).
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+#: SQLSTATEs that mean "the server is (re)starting or ended this session", besides class 08
+#: (connection exceptions): admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections.
+_DISCONNECT_STATES = frozenset({"57P01", "57P02", "57P03", "53300"})
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -103,3 +113,61 @@ def session_scope(engine: Engine | None = None) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+# --------------------------------------------------------------------------------------------
+# riding out a database restart
+# --------------------------------------------------------------------------------------------
+def is_disconnect(exc: BaseException) -> bool:
+    """Whether ``exc`` means the connection was lost or refused (a restart, failover, an admin's
+    ``pg_terminate_backend``) rather than a problem with the statement: worth retrying later."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    if not isinstance(exc, OperationalError | InterfaceError):
+        return False
+    state = getattr(exc.orig, "sqlstate", None)
+    # psycopg reports a refused or broken connection without a SQLSTATE.
+    return state is None or str(state).startswith("08") or state in _DISCONNECT_STATES
+
+
+def retry_disconnects(
+    call: Callable[[], T],
+    *,
+    what: str,
+    deadline_s: float,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """``call()``, repeated while the database is unreachable, for up to ``deadline_s`` seconds.
+
+    Only for idempotent work (each seemly writer is: unique keys, upserts), since a commit whose
+    acknowledgement was lost is replayed. Backoff 0.25 s doubling to 5 s; one warning per outage.
+    Other errors, and a disconnect past the deadline, propagate.
+    """
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        try:
+            result = call()
+        except DBAPIError as exc:
+            waited = time.monotonic() - started
+            if not is_disconnect(exc) or waited >= deadline_s:
+                raise
+            if attempt == 0:
+                log.warning(
+                    "%s: database unreachable (%s); retrying for up to %.0f s", what, _short(exc), deadline_s
+                )
+            attempt += 1
+            sleep(min(0.25 * 2 ** (attempt - 1), 5.0, max(0.05, deadline_s - waited)))
+            continue
+        if attempt:
+            log.warning(
+                "%s: database back after %.1f s (%d retries)", what, time.monotonic() - started, attempt
+            )
+        return result
+
+
+def _short(exc: DBAPIError) -> str:
+    first = str(exc.orig or exc).strip().splitlines()
+    return f"{type(exc.orig or exc).__name__}: {first[0] if first else ''}"[:200]
