@@ -5,19 +5,25 @@ Routes (label-studio-ml's contract, see :mod:`backend.compat`):
 =================  ===========================================================================
 ``GET /health``    ``{"status": "UP", ...}`` from memory (Label Studio allows 1 s); also ``GET /``
 ``POST /setup``    validates the labeling config, keeps Label Studio's URL + token, persists them
-                   in the ``projects`` row; answers ``{"model_version": ...}`` (no model loading)
+                   in the ``projects`` row; answers ``{"model_version": ...}``, the project's
+                   promoted version (no model loading)
 ``POST /predict``  interactive (``params.context``) or batch; :mod:`backend.predict`
 ``POST /webhook``  annotation events and ``START_TRAINING``; :mod:`backend.webhooks`
 ``POST /train``    the pre-1.4 training call, recorded like ``START_TRAINING``
-``/versions``      the model version this backend serves
-``GET /metrics``   cache, session and history-writer counters (no secrets)
+``/versions``      the project's (``?project=`` or body ``project``) served version first, then its
+                   other registered versions and the base engine
+``GET /metrics``   Prometheus metrics when asked for them (``Accept: text/plain``), else the JSON
+                   cache, session and history-writer counters (no secrets); :mod:`backend.observability`
+``GET /health/deep`` every dependency checked with a deadline: 200 or 503 (:mod:`backend.health`)
 =================  ===========================================================================
 
 Every failure is JSON ``{"error": "..."}`` with a 4xx status for client mistakes (see
 :mod:`backend.errors`). Bodies are read by hand: at most ``SEEMLY_MAX_REQUEST_BYTES`` (413 past it,
 also for chunked bodies), parsed as JSON whatever the Content-Type says (400 if malformed).
 Optional HTTP basic auth (``SEEMLY_BACKEND_BASIC_AUTH_USER`` / ``..._PASSWORD``) guards every route;
-Label Studio sends it when the ML backend URL is ``http://user:pass@host:9090``.
+Label Studio sends it when the ML backend URL is ``http://user:pass@host:9090``
+(``SEEMLY_METRICS_PUBLIC=true`` exempts ``/metrics`` and ``/health/deep``). Every request has an id
+(``X-Request-ID``, echoed) that every log line made while serving it carries.
 """
 
 from __future__ import annotations
@@ -33,10 +39,11 @@ from typing import Any
 
 from flask import Flask, Response, g, jsonify, request
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
-from backend import compat, logs
+from backend import compat, logs, observability
 from backend.errors import ApiError, from_exception
 from backend.fetch import ImageFetcher
 from backend.history import HistoryWriter, TrainingRequestRecord, WriterContext
@@ -45,9 +52,11 @@ from backend.predict import Predictor
 from backend.projects import ProjectRegistry
 from backend.segmenter import SegmenterClient, make_segmenter_client
 from backend.sessions import SessionStore
+from backend.versions import ProjectVersions
 from backend.webhooks import TRAINING_NOTE, WebhookHandler
 from seemly.config import Settings, get_settings
 from seemly.db.session import make_engine
+from seemly.metrics import BackendMetrics
 from seemly.prompts import PromptError
 from seemly.storage import Storage
 
@@ -62,6 +71,8 @@ class BackendOptions:
     max_sessions: int = 2000
     session_idle_seconds: float = 3600.0
     history_queue: int = 10_000
+    max_loaded_versions: int = 4
+    """Model versions (per-project fine-tunes) loaded side by side in the in-process segmenter."""
     warm_up: bool = True
     """Import the lazily loaded codecs and run the engine once on a tiny image in a background thread
     at start-up, so the first annotator's click does not pay for it (about 1.5 s on CPU)."""
@@ -81,7 +92,16 @@ class Backend:
     history: HistoryWriter
     predictor: Predictor
     webhooks: WebhookHandler
+    versions: ProjectVersions
     started: float = field(default_factory=time.time)
+    metrics: BackendMetrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = observability.build_metrics(self)
+
+    @property
+    def engine_name(self) -> str:
+        return _engine_name(self.segmenter, self.settings)
 
     def secrets(self) -> Iterable[str]:
         """Every secret this process knows, for log redaction."""
@@ -94,6 +114,12 @@ class Backend:
         ):
             if value is not None:
                 yield value.get_secret_value()
+        try:
+            password = make_url(s.database_url).password
+        except (ArgumentError, ValueError):
+            password = None
+        if password:
+            yield str(password)
         yield from list(self.projects.secrets)
 
     def warm_up(self) -> None:
@@ -148,7 +174,11 @@ def build_backend(
     storage = storage or Storage.from_settings(settings)
     if segmenter is None:
         # In this process by default; the Ray Serve segmenter when SEEMLY_SEGMENTER_URL is set.
-        segmenter = make_segmenter_client(settings, cache_bytes=options.embed_cache_mb * 1024 * 1024)
+        segmenter = make_segmenter_client(
+            settings,
+            cache_bytes=options.embed_cache_mb * 1024 * 1024,
+            max_versions=options.max_loaded_versions,
+        )
     fetcher = ImageFetcher(storage, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes)
     sessions = SessionStore(max_sessions=options.max_sessions, idle_seconds=options.session_idle_seconds)
     projects = ProjectRegistry(db, storage, settings)
@@ -157,8 +187,15 @@ def build_backend(
         WriterContext(fetcher, projects.parse, _engine_name(segmenter, settings)),
         max_queue=options.history_queue,
     )
+    versions = ProjectVersions(db, settings.version_refresh_s)
     predictor = Predictor(
-        segmenter=segmenter, fetcher=fetcher, sessions=sessions, projects=projects, history=history, db=db
+        segmenter=segmenter,
+        fetcher=fetcher,
+        sessions=sessions,
+        projects=projects,
+        history=history,
+        db=db,
+        versions=versions,
     )
     return Backend(
         settings=settings,
@@ -171,6 +208,7 @@ def build_backend(
         history=history,
         predictor=predictor,
         webhooks=WebhookHandler(history, sessions, projects),
+        versions=versions,
     )
 
 
@@ -206,10 +244,13 @@ def create_app(
 
     # --- request plumbing ----------------------------------------------------------------------
 
+    observability.install(app, backend, lambda: json_metrics())
+    public = observability.PUBLIC_PATHS if settings.metrics_public else ()
+
     @app.before_request
     def _start() -> Response | None:
         g.started = time.perf_counter()
-        if auth_user and auth_password:
+        if auth_user and auth_password and request.path not in public:
             given = request.authorization
             ok = (
                 given is not None
@@ -304,11 +345,12 @@ def create_app(
         if token is not None and not isinstance(token, str):
             raise PromptError("access_token", "must be a string")
         backend.projects.setup(project, schema, hostname, token, data.get("extra_params"))
-        return jsonify(compat.setup_body(backend.segmenter.model_version))
+        return jsonify(compat.setup_body(backend.predictor.segmenter_for(project).model_version))
 
     @app.route("/predict", methods=["POST"])
     def predict() -> Response:
-        return jsonify(backend.predictor.predict(body()))
+        data = body()
+        return jsonify(observability.observe_predict(backend, data, lambda: backend.predictor.predict(data)))
 
     @app.route("/webhook", methods=["POST"])
     def webhook() -> Response:
@@ -324,10 +366,18 @@ def create_app(
 
     @app.route("/versions", methods=["GET", "POST"])
     def versions() -> Response:
-        return jsonify(compat.versions_body(backend.segmenter.model_version))
+        given: Any = request.args.get("project")
+        if given is None and request.method == "POST" and request.content_length:
+            given = body().get("project")
+        if given is None:  # no project: what a project without a promoted version gets
+            return jsonify(compat.versions_body(backend.segmenter.model_version))
+        project = ls_project_id(given)
+        served = backend.predictor.segmenter_for(project).model_version
+        names = [v.name for v in backend.versions.project_versions(project)]
+        others = [n for n in [*names, backend.segmenter.model_version] if n != served]
+        return jsonify(compat.versions_body(served, others))
 
-    @app.route("/metrics", methods=["GET"])
-    def metrics() -> Response:
+    def json_metrics() -> dict[str, Any]:
         out: dict[str, Any] = {
             "model_version": backend.segmenter.model_version,
             "sessions": len(backend.sessions),
@@ -338,6 +388,6 @@ def create_app(
         stats = getattr(backend.segmenter, "stats", None)
         if stats is not None:
             out["embed_cache"] = {**vars(stats), "bytes": getattr(backend.segmenter, "cached_bytes", None)}
-        return jsonify(out)
+        return out
 
     return app

@@ -67,6 +67,7 @@ def predict_body(results: list[dict[str, Any]], model_version: str) -> dict[str,
     return {"results": results, "model_version": model_version}
 
 
-def versions_body(model_version: str) -> dict[str, Any]:
-    """``GET/POST /versions``."""
-    return {"versions": [model_version], "model_dir": None, "v2": True}
+def versions_body(model_version: str, others: list[str] | None = None) -> dict[str, Any]:
+    """``GET/POST /versions``: the served version first, then the other known ones."""
+    versions = [model_version, *dict.fromkeys(v for v in others or [] if v != model_version)]
+    return {"versions": versions, "model_version": model_version, "model_dir": None, "v2": True}

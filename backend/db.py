@@ -64,3 +64,14 @@ def ensure_model_version(conn: Connection, name: str, engine: str) -> int:
     if found is None:
         raise RuntimeError(f"cannot create the model version {name!r}")
     return int(found)
+
+
+def served_version_id(conn: Connection, name: str, engine: str) -> int:
+    """The id of the model version that answered: a registered one by its (unique) name, such as a
+    project's promoted fine-tune ``p7-classic-ft3``, else the global version ``name``."""
+    registered = conn.execute(
+        select(ModelVersion.id).where(ModelVersion.name == name).order_by(ModelVersion.id).limit(1)
+    ).scalar()
+    if registered is not None:
+        return int(registered)
+    return ensure_model_version(conn, name, engine)

@@ -31,7 +31,7 @@ from sqlalchemy import Connection, Engine, delete, func, select
 from sqlalchemy.exc import OperationalError
 
 from backend import ls_format
-from backend.db import ensure_model_version, ensure_project, insert
+from backend.db import ensure_project, insert, served_version_id
 from backend.fetch import ImageFetcher, ImageInfo
 from plugin.labeling_config import ParsedConfig
 from seemly.db.bulk import mask_row, upsert_images, write_masks
@@ -98,7 +98,7 @@ class RoundRecord:
     def apply(self, conn: Connection, ctx: WriterContext) -> None:
         project_id = ensure_project(conn, self.ls_project_id)
         image_id = _image_id(conn, self.image, self.uri)
-        version_id = ensure_model_version(conn, self.model_version, ctx.engine_name)
+        version_id = served_version_id(conn, self.model_version, ctx.engine_name)
         conn.execute(
             insert(conn, PromptSession.__table__)
             .values(
@@ -148,7 +148,7 @@ class PredictedMasksRecord:
     def apply(self, conn: Connection, ctx: WriterContext) -> None:
         project_id = ensure_project(conn, self.ls_project_id)
         image_id = _image_id(conn, self.image, self.uri)
-        version_id = ensure_model_version(conn, self.model_version, ctx.engine_name)
+        version_id = served_version_id(conn, self.model_version, ctx.engine_name)
         ordinals: dict[str, int] = {}
         rows = []
         for segment in self.segments:

@@ -3,7 +3,9 @@
 Interactive: the one task's image is resolved (downloaded only the first time), the context's
 regions become pixel prompts (:mod:`backend.ls_format`), the annotator's session supplies the
 earlier rounds as memory (:mod:`backend.sessions`), the segmenter answers, and the round is queued
-for the history writer. No database access on this path.
+for the history writer. No database access on this path, except reading the project's promoted
+model version once per ``SEEMLY_VERSION_REFRESH_S`` (:mod:`backend.versions`); every request is
+answered, and stored, with that one version.
 
 Batch: for each task, masks a bucket job already stored for the image and the current model
 version are returned at once (:mod:`backend.stored_masks`); otherwise the image is segmented with
@@ -20,7 +22,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from backend import compat, ls_format, stored_masks
+from backend import compat, ls_format, observability, stored_masks
 from backend.errors import ApiError, from_exception
 from backend.fetch import ImageFetcher
 from backend.history import HistoryWriter, PredictedMasksRecord, RoundRecord
@@ -28,6 +30,7 @@ from backend.ls_format import ContextItem
 from backend.projects import ProjectRegistry
 from backend.segmenter import ImageChangedError, ImageHandle, SegmenterClient
 from backend.sessions import ObjectSession, SessionKey, SessionStore
+from backend.versions import ProjectVersions
 from plugin.labeling_config import ParsedConfig
 from seemly.engines.base import Segment, UnsupportedPromptError
 from seemly.engines.semantic import ProjectSemantics
@@ -49,8 +52,11 @@ class Predictor:
         history: HistoryWriter,
         db: Engine,
         semantic: ProjectSemantics | None = None,
+        versions: ProjectVersions | None = None,
     ) -> None:
         self.segmenter = segmenter
+        # the project's promoted model version (hot swap); None: every project gets ``segmenter``
+        self.versions = versions
         self.fetcher = fetcher
         self.sessions = sessions
         self.projects = projects
@@ -64,6 +70,12 @@ class Predictor:
     @property
     def model_version(self) -> str:
         return self.segmenter.model_version
+
+    def segmenter_for(self, ls_pid: int) -> SegmenterClient:
+        """The segmenter of the project's promoted version (the default one without a registry)."""
+        if self.versions is None:
+            return self.segmenter
+        return self.segmenter.for_version(self.versions.resolve(ls_pid))
 
     def predict(self, body: Mapping[str, Any]) -> dict[str, Any]:
         tasks = body.get("tasks")
@@ -83,18 +95,19 @@ class Predictor:
         if context is not None and not isinstance(context, Mapping):
             raise PromptError("params.context", "must be a JSON object with a 'result' list")
         self.projects.ensure_label_studio(ls_pid)
+        segmenter = self.segmenter_for(ls_pid)  # one version for the whole request
         if context:
             if len(tasks) != 1:
                 raise PromptError(
                     "tasks", f"an interactive request must carry exactly one task, got {len(tasks)}"
                 )
             try:
-                prediction = self.interactive(ls_pid, config, tasks[0], params, context)
+                prediction = self.interactive(ls_pid, config, tasks[0], params, context, segmenter)
             except ImageChangedError:
                 self.fetcher.forget(ls_format.image_uri(tasks[0], config))
-                prediction = self.interactive(ls_pid, config, tasks[0], params, context)
-            return compat.predict_body([prediction], self.model_version)
-        return compat.predict_body(self.batch(ls_pid, config, tasks), self.model_version)
+                prediction = self.interactive(ls_pid, config, tasks[0], params, context, segmenter)
+            return compat.predict_body([prediction], segmenter.model_version)
+        return compat.predict_body(self.batch(ls_pid, config, tasks, segmenter), segmenter.model_version)
 
     # --- interactive ---------------------------------------------------------------------------------
 
@@ -105,7 +118,10 @@ class Predictor:
         task: Mapping[str, Any],
         params: Mapping[str, Any],
         context: Mapping[str, Any],
+        segmenter: SegmenterClient | None = None,
     ) -> dict[str, Any]:
+        segmenter = segmenter or self.segmenter
+        version = segmenter.model_version
         task_id = ls_format.task_id(task, "tasks[0]")
         uri = ls_format.image_uri(task, config)
         annotator = ls_format.annotator_of(params, context, task)
@@ -123,7 +139,7 @@ class Predictor:
             # The annotator deleted the last smart region of a group: nothing to segment, and the
             # object those prompts described is gone.
             self.sessions.drop(key)
-            return ls_format.prediction([], config, self.model_version)
+            return ls_format.prediction([], config, version)
         if parsed.text is not None:
             self.sessions.set_text(ls_pid, annotator, parsed.text)
         text = self.sessions.text(ls_pid, annotator)
@@ -131,27 +147,29 @@ class Predictor:
         # seemly.text_labels), else by the prompts.
         object_label = (self.semantic.label_for_text(config.labels, text) if text else None) or parsed.label
         label = object_label if object_label is not None else (config.labels[0] if config.labels else None)
-        run = _Round(self, ls_pid, task_id, annotator, uri, handle, info, text, label, config.labels)
+        run = _Round(
+            self, segmenter, ls_pid, task_id, annotator, uri, handle, info, text, label, config.labels
+        )
         where = dict(sha256=handle.sha256, width=handle.width, height=handle.height, uri=uri)
 
         if not parsed.items:
             if not text:  # the text prompt was cleared and nothing else was sent
-                return ls_format.prediction([], config, self.model_version)
+                return ls_format.prediction([], config, version)
             # A text-only round names a (new) object; the session starts over only if the engine
             # accepts it, so a refused text prompt does not cost the annotator their clicks.
             segments, latency_ms = run.segment([], ())
             session = self.sessions.open(key, **where, new_object=True, label=None)
             with session.lock:
                 best = run.remember(session, [], segments, latency_ms)
-            return ls_format.prediction([best], config, self.model_version, label=label)
+            return ls_format.prediction([best], config, version, label=label)
 
         session = self.sessions.open(key, **where, label=object_label)
         with session.lock:
             plan, items = _plan(session, parsed)
             if plan == "repeat":
                 last = session.session.rounds[-1]
-                repeated = Segment(last.mask, last.score, self.model_version, label)
-                return ls_format.prediction([repeated], config, self.model_version, label=label)
+                repeated = Segment(last.mask, last.score, version, label)
+                return ls_format.prediction([repeated], config, version, label=label)
             if plan == "append":
                 segments, latency_ms = run.segment(items, session.session.memory)
                 best = run.remember(session, items, segments, latency_ms)
@@ -160,7 +178,7 @@ class Predictor:
             with session.lock:
                 segments, latency_ms = run.segment(items, ())
                 best = run.remember(session, items, segments, latency_ms)
-        return ls_format.prediction([best], config, self.model_version, label=label)
+        return ls_format.prediction([best], config, version, label=label)
 
     @staticmethod
     def _best(segments: Sequence[Segment]) -> Segment:
@@ -171,8 +189,13 @@ class Predictor:
     # --- batch ----------------------------------------------------------------------------------------
 
     def batch(
-        self, ls_pid: int, config: ParsedConfig, tasks: Sequence[Mapping[str, Any]]
+        self,
+        ls_pid: int,
+        config: ParsedConfig,
+        tasks: Sequence[Mapping[str, Any]],
+        segmenter: SegmenterClient | None = None,
     ) -> list[dict[str, Any]]:
+        segmenter = segmenter or self.segmenter
         # Structural problems (no id, no image field) are the caller's mistake for every task: 4xx.
         jobs = []
         for index, task in enumerate(tasks):
@@ -181,10 +204,10 @@ class Predictor:
         out = []
         for task_id, uri in jobs:
             try:
-                segments = self._batch_one(ls_pid, task_id, uri)
+                segments = self._batch_one(ls_pid, task_id, uri, segmenter)
             except ImageChangedError:
                 self.fetcher.forget(uri)
-                segments = self._batch_one(ls_pid, task_id, uri)
+                segments = self._batch_one(ls_pid, task_id, uri, segmenter)
             except Exception as exc:
                 error = from_exception(exc)
                 if error is None or len(jobs) == 1:
@@ -192,11 +215,11 @@ class Predictor:
                 # One unreadable image must not cost the other tasks their predictions.
                 log.warning("batch prediction for task %s failed: %s", task_id, error.message)
                 segments = []
-            out.append(ls_format.prediction(segments, config, self.model_version))
+            out.append(ls_format.prediction(segments, config, segmenter.model_version))
         return out
 
-    def _batch_one(self, ls_pid: int, task_id: int, uri: str) -> list[Segment]:
-        version = self.model_version
+    def _batch_one(self, ls_pid: int, task_id: int, uri: str, segmenter: SegmenterClient) -> list[Segment]:
+        version = segmenter.model_version
         known = self.fetcher.known(uri)
         try:
             if known is not None:
@@ -217,7 +240,7 @@ class Predictor:
                 log.warning("stored-mask lookup failed (%s); segmenting instead", type(exc).__name__)
             if stored:
                 return stored
-        segments = self.segmenter.segment_everything(handle)
+        segments = segmenter.segment_everything(handle)
         self.history.submit(
             PredictedMasksRecord(
                 ls_project_id=ls_pid,
@@ -263,6 +286,7 @@ class _Round:
     def __init__(
         self,
         predictor: Predictor,
+        segmenter: SegmenterClient,
         ls_pid: int,
         task_id: int,
         annotator: str,
@@ -273,7 +297,8 @@ class _Round:
         label: str | None,
         labels: Sequence[str] = (),
     ) -> None:
-        self.p, self.ls_pid, self.task_id, self.annotator = predictor, ls_pid, task_id, annotator
+        self.p, self.segmenter = predictor, segmenter
+        self.ls_pid, self.task_id, self.annotator = ls_pid, task_id, annotator
         self.uri, self.handle, self.info, self.text, self.label = uri, handle, info, text, label
         self.labels = list(labels)
         self.prompt_round: PromptRound | None = None
@@ -289,21 +314,22 @@ class _Round:
             prompts.append({"kind": "text", "text": self.text})
         size = (self.handle.width, self.handle.height)
         self.prompt_round = self.used_round = parse_round({"prompts": prompts, "label": self.label}, *size)
+        observability.note_round(p.kind for p in self.prompt_round.prompts)  # the latency histogram's label
         started = time.perf_counter()
         try:
             if self.prompt_round.texts or self.prompt_round.references:
                 segments = self.p.semantic.segment(
-                    self.ls_pid, self.labels, self.p.segmenter, self.handle, self.prompt_round, memory
+                    self.ls_pid, self.labels, self.segmenter, self.handle, self.prompt_round, memory
                 )
             else:
-                segments = self.p.segmenter.segment(self.handle, self.prompt_round, memory)
+                segments = self.segmenter.segment(self.handle, self.prompt_round, memory)
         except UnsupportedPromptError:
             if not items or not self.text:
                 raise  # a text-only round (or another refused kind): the engine's message is the answer
             # An engine without a label model: follow the visual prompts; the text still set the label.
             visual = [p for p in prompts if p["kind"] != "text"]
             self.used_round = parse_round({"prompts": visual, "label": self.label}, *size)
-            segments = self.p.segmenter.segment(self.handle, self.used_round, memory)
+            segments = self.segmenter.segment(self.handle, self.used_round, memory)
         return segments, (time.perf_counter() - started) * 1000.0
 
     def remember(
@@ -333,7 +359,7 @@ class _Round:
                 rle=best.mask.to_coco_rle(),
                 score=float(best.score),
                 latency_ms=latency_ms,
-                model_version=best.model_version or self.p.model_version,
+                model_version=best.model_version or self.segmenter.model_version,
             )
         )
         return best

@@ -22,6 +22,9 @@ the Ray Serve ``Segmenter`` service (``backend.serve_client``) when ``SEEMLY_SEG
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -31,12 +34,17 @@ import numpy as np
 from seemly.embed_cache import CacheStats, EmbedCache
 from seemly.engines.base import Engine, EngineError, ImageState, Segment
 from seemly.images import DecodedImage
+from seemly.learning.loading import load_version
+from seemly.learning.versions import VersionInfo
 from seemly.prompts import PromptRound, RoundResult
 
 if TYPE_CHECKING:
     from seemly.config import Settings
 
 log = logging.getLogger(__name__)
+
+RETRY_LOAD_S = 60.0
+"""A model version that failed to load is retried after this long (meanwhile: the base engine)."""
 
 
 class ImageChangedError(RuntimeError):
@@ -73,13 +81,89 @@ class SegmenterClient(Protocol):
         """Region proposals for the whole image (batch pre-annotation)."""
         ...
 
+    def for_version(self, info: Any) -> SegmenterClient:
+        """This client segmenting with a registered version (``VersionInfo``; None = the default)."""
+        ...
+
+
+class _Loaded:
+    """What an in-process client and its per-version views share: the cache and the loaded engines."""
+
+    def __init__(self, base: Engine, cache: EmbedCache, max_versions: int, device: str | None) -> None:
+        if max_versions < 1:
+            raise ValueError("max_versions must be at least 1")
+        self.base = base
+        self.cache = cache
+        self.max_versions = max_versions
+        self.device = device
+        self.lock = threading.Lock()
+        self.engines: OrderedDict[str, Engine] = OrderedDict()  # version name -> engine, LRU
+        self.loading: dict[str, threading.Lock] = {}
+        self.failed: dict[str, float] = {}  # version name -> when loading it last failed
+
+    def engine_for(self, info: VersionInfo) -> Engine | None:
+        """The loaded engine of ``info`` (loaded once, even by concurrent requests); None if it
+        cannot be loaded (logged; retried after :data:`RETRY_LOAD_S`)."""
+        with self.lock:
+            engine = self.engines.get(info.name)
+            if engine is not None:
+                self.engines.move_to_end(info.name)
+                return engine
+            if time.monotonic() - self.failed.get(info.name, -RETRY_LOAD_S) < RETRY_LOAD_S:
+                return None
+            gate = self.loading.setdefault(info.name, threading.Lock())
+        with gate:  # single flight: one thread loads, the others wait for it
+            with self.lock:
+                engine = self.engines.get(info.name)
+            if engine is not None:
+                return engine
+            try:
+                engine = load_version(info, device=self.device)
+            except Exception as exc:
+                log.error(
+                    "cannot load model version %s (%s: %s); serving the base engine %s instead",
+                    info.name,
+                    type(exc).__name__,
+                    exc,
+                    self.base.model_version,
+                )
+                with self.lock:
+                    self.failed[info.name] = time.monotonic()
+                return None
+            with self.lock:
+                self.failed.pop(info.name, None)
+                self.engines[info.name] = engine
+                while len(self.engines) > self.max_versions:
+                    evicted, _ = self.engines.popitem(last=False)
+                    log.info("unloaded model version %s (more than %d loaded)", evicted, self.max_versions)
+            return engine
+
 
 class InProcessSegmenter:
-    """Runs an :class:`~seemly.engines.base.Engine` here, with an LRU embedding cache (see module doc)."""
+    """Runs an :class:`~seemly.engines.base.Engine` here, with an LRU embedding cache (see module doc).
 
-    def __init__(self, engine: Engine, cache_bytes: int = 1024 * 1024 * 1024) -> None:
+    :meth:`for_version` gives a view of the same client that segments with a registered model
+    version (a project's promoted fine-tune): engines are loaded on first use, at most
+    ``max_versions`` side by side (least recently used unloaded first), and the views share one
+    embedding cache, keyed by (sha256, version).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        cache_bytes: int = 1024 * 1024 * 1024,
+        *,
+        max_versions: int = 4,
+        device: str | None = None,
+        _loaded: _Loaded | None = None,
+    ) -> None:
         self.engine = engine
-        self.cache = EmbedCache(cache_bytes)  # raises ValueError unless cache_bytes >= 1
+        # EmbedCache raises ValueError unless cache_bytes >= 1
+        self._loaded = _loaded or _Loaded(engine, EmbedCache(cache_bytes), max_versions, device)
+
+    @property
+    def cache(self) -> EmbedCache:
+        return self._loaded.cache
 
     @property
     def cache_bytes(self) -> int:
@@ -96,6 +180,24 @@ class InProcessSegmenter:
     @property
     def cached_bytes(self) -> int:
         return self.cache.cached_bytes
+
+    @property
+    def loaded_versions(self) -> list[str]:
+        with self._loaded.lock:
+            return list(self._loaded.engines)
+
+    def for_version(self, info: VersionInfo | None) -> InProcessSegmenter:
+        """This client segmenting with ``info`` (None, or a version that cannot load: the base engine)."""
+        loaded = self._loaded
+        if info is None or info.name == loaded.base.model_version:
+            engine: Engine | None = loaded.base
+        else:
+            engine = loaded.engine_for(info)
+        if engine is None:
+            engine = loaded.base
+        if engine is self.engine:
+            return self
+        return InProcessSegmenter(engine, _loaded=loaded)
 
     def cached(self, sha256: str) -> bool:
         return self.cache.contains(sha256, self.model_version)
@@ -121,7 +223,9 @@ class InProcessSegmenter:
         return self.engine.embed(np.asarray(decoded.array), decoded.sha256)
 
 
-def make_segmenter_client(settings: Settings, *, cache_bytes: int = 1024 * 1024 * 1024) -> SegmenterClient:
+def make_segmenter_client(
+    settings: Settings, *, cache_bytes: int = 1024 * 1024 * 1024, max_versions: int = 4
+) -> SegmenterClient:
     """The segmenter the backend should use, from ``SEEMLY_SEGMENTER_URL``.
 
     Unset: the configured engine in this process (:class:`InProcessSegmenter`). Set: the Ray Serve
@@ -135,7 +239,12 @@ def make_segmenter_client(settings: Settings, *, cache_bytes: int = 1024 * 1024 
         options: dict[str, Any] = {}
         if settings.engine != "classic":
             options = {"checkpoint": settings.engine_checkpoint, "device": settings.device}
-        return InProcessSegmenter(create_engine(settings.engine, **options), cache_bytes=cache_bytes)
+        return InProcessSegmenter(
+            create_engine(settings.engine, **options),
+            cache_bytes=cache_bytes,
+            max_versions=max_versions,
+            device=settings.device,
+        )
     from backend.serve_client import ServeSegmenter
 
     client = ServeSegmenter(

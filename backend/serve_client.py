@@ -36,6 +36,8 @@ import requests
 
 from backend.segmenter import ImageChangedError, ImageHandle
 from seemly.engines.base import EngineError, Segment, UnsupportedPromptError
+from seemly.learning.versions import VersionInfo
+from seemly.log_setup import current_request_id
 from seemly.prompts import PromptError, PromptRound, RoundResult
 from seemly.serving import SegmentAnswer, WireImage, encode_memory
 
@@ -45,6 +47,11 @@ START_HINT = "start it with `seemly serve`"
 APP_NAME = "segmenter"
 DEPLOYMENT = "Segmenter"
 VERSION_TTL_S = 10.0
+
+
+def _request_id_header() -> dict[str, str] | None:
+    request_id = current_request_id()
+    return {"X-Request-ID": request_id} if request_id else None
 
 
 class SegmenterUnavailableError(EngineError):
@@ -103,7 +110,11 @@ class _HttpTransport:
         for attempt in range(attempts):
             try:
                 response = self._session().request(
-                    verb, self.url + path, json=body, timeout=(min(2.0, timeout), timeout)
+                    verb,
+                    self.url + path,
+                    json=body,
+                    timeout=(min(2.0, timeout), timeout),
+                    headers=_request_id_header(),  # Serve's proxy adopts it as its request id
                 )
             except requests.ConnectionError as exc:
                 if attempt + 1 < attempts and "refused" not in str(exc).lower():
@@ -270,8 +281,14 @@ class ServeSegmenter:
     def transport(self) -> _HttpTransport | _HandleTransport:
         return self._shared.transport
 
-    def for_version(self, model_version: str | None) -> ServeSegmenter:
-        """A view of this client that asks for ``model_version`` (a project's promoted fine-tune)."""
+    def for_version(self, model_version: str | VersionInfo | None) -> ServeSegmenter:
+        """A view of this client that asks for ``model_version`` (a project's promoted fine-tune,
+        by name or registry entry; the service loads a registered name it was not configured with).
+        None: the service's promoted version."""
+        if isinstance(model_version, VersionInfo):
+            model_version = model_version.name
+        if model_version == self.pinned_version:
+            return self
         return ServeSegmenter(
             self.url, model_version=model_version, recompute=self.recompute, _shared=self._shared
         )
@@ -338,6 +355,9 @@ class ServeSegmenter:
             payload["model_version"] = self.pinned_version
         if self.recompute:
             payload["recompute"] = True
+        request_id = current_request_id()
+        if request_id:  # the replica logs and echoes it (seemly.log_setup)
+            payload["request_id"] = request_id
         return payload
 
     def _pixels(self, image: ImageHandle) -> np.ndarray:
@@ -381,7 +401,7 @@ class ServeSegmenter:
     @property
     def last_answer(self) -> dict[str, Any]:
         """This thread's last answer without its masks: ``timings_ms`` (inside the replica),
-        ``cache_hit``, ``replica``, ``model_version``, ``pixels_sent``."""
+        ``cache_hit``, ``replica``, ``model_version``, ``pixels_sent``, ``request_id``."""
         return dict(getattr(self._shared.local, "last", {}))
 
     def _segments(self, answer: dict[str, Any]) -> list[Segment]:
@@ -392,6 +412,7 @@ class ServeSegmenter:
             "replica": parsed.replica,
             "model_version": parsed.model_version,
             "pixels_sent": getattr(self._shared.local, "pixels_sent", None),
+            "request_id": parsed.request_id,  # echoed by the replica: the id reached it
         }
         if parsed.status == "ok":
             return [wire.to_segment() for wire in parsed.segments]

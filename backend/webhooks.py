@@ -39,8 +39,8 @@ from seemly.prompts import PromptError
 CORRECTION_ACTIONS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED")
 DELETE_ACTIONS = ("ANNOTATIONS_DELETED", "ANNOTATION_DELETED")
 TRAINING_NOTE = (
-    "training request recorded in the training_requests table; the training scheduler that runs "
-    "fine-tuning from it lands in a later issue, so no model is trained yet"
+    "training request recorded (training_requests); the training scheduler (`seemly train schedule`) "
+    "starts the fine-tuning run, and its gate decides whether the new version is served"
 )
 
 

@@ -31,10 +31,23 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ),
     ("jobs",): ("workers.jobs_cli", "list jobs with their counts, and the failed items of one job"),
     ("export", "coco"): ("workers.export", "export a project's masks as COCO instances JSON"),
+    ("train", "run"): ("workers.train", "fine-tune a project's model on Ray Train, gate it, register it"),
+    ("train", "schedule"): (
+        "workers.scheduler",
+        "start trainings when corrections, time or the Train button say so",
+    ),
+    ("train", "versions"): (
+        "workers.train",
+        "a project's model versions: parent, metrics, decision, promoted",
+    ),
+    ("train", "promote"): ("workers.train", "serve a project's version NAME from now on"),
+    ("train", "rollback"): ("workers.train", "serve the current version's parent again (or the base engine)"),
     ("ls", "import-predictions"): (
         "workers.ls_predictions",
         "import a project's masks into Label Studio as predictions",
     ),
+    ("al", "rank"): ("workers.active_learning", "rank a project's unlabelled images by model uncertainty"),
+    ("al", "next"): ("workers.active_learning", "list the most uncertain unlabelled tasks to annotate next"),
 }
 
 
@@ -60,6 +73,21 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, ...]]
     return parser, targets
 
 
+def _setup_logging(level: int) -> None:
+    """Text or JSON lines (``SEEMLY_LOG_FORMAT``) with the request id; see :mod:`seemly.log_setup`."""
+    from pydantic import ValidationError
+
+    from seemly.config import get_settings
+    from seemly.log_setup import settings_secrets, setup_logging
+
+    try:
+        settings = get_settings()
+    except ValidationError:  # the command itself reports invalid settings, with their names
+        setup_logging(level, "text")
+        return
+    setup_logging(level, settings.log_format, lambda: settings_secrets(settings))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, _ = _build_parser()
@@ -82,10 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest = [a for a in argv if a not in ("-v", "--verbose")]
     args = full_parser.parse_args(rest[len(words) :])
     args.verbose = known.verbose or any(a in ("-v", "--verbose") for a in argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _setup_logging(logging.DEBUG if args.verbose else logging.INFO)
     return int(module.run(args, words) or 0)
 
 

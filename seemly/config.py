@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -93,17 +93,86 @@ class Settings(BaseSettings):
     backend_basic_auth_password: SecretStr | None = Field(default=None, description="Basic-auth password.")
     max_request_bytes: int = Field(default=16 * 1024 * 1024, ge=1, description="Largest HTTP request body.")
 
+    # --- observability -------------------------------------------------------------------------
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="Log line format of every seemly process: text | json."
+    )
+    metrics_public: bool = Field(
+        default=False,
+        description="Serve the backend's /metrics and /health/deep without basic auth (they hold no secrets).",
+    )
+    metrics_db_timeout_s: float = Field(
+        default=1.0, gt=0, le=30, description="Longest wait of a /metrics scrape for the database."
+    )
+    metrics_db_cache_s: float = Field(
+        default=5.0, ge=0, description="How long /metrics reuses the database figures it read."
+    )
+    health_timeout_s: float = Field(
+        default=2.0, gt=0, le=60, description="Per-component deadline of the backend's /health/deep."
+    )
+    health_s3_uris: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="s3://bucket/prefix locations /health/deep lists one key from (comma-separated).",
+    )
+    version_refresh_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="How long the backend uses a project's promoted model version before reading the "
+        "registry again (a promotion or rollback reaches every backend process within this).",
+    )
+
+    # --- learning loop (seemly train; per-project overrides in projects.settings["training"]) ----
+    artifacts_uri: str = Field(
+        default="",
+        description="Where training writes model artifacts and Ray Train checkpoints: file:///dir or "
+        "s3://bucket/prefix; unset = file://$SEEMLY_HOME/artifacts.",
+    )
+    train_min_new_corrections: int = Field(
+        default=50, ge=1, description="Start a training after this many new corrections (scheduler)."
+    )
+    train_interval_s: float = Field(
+        default=86400.0, gt=0, description="Start a training this long after the last one if new data came."
+    )
+    train_gate_noc_margin: float = Field(
+        default=0.05,
+        ge=-1,
+        le=1,
+        description="Promote only if held-out NoC@90 falls by at least this share of the current one.",
+    )
+    train_gate_miou_tolerance: float = Field(
+        default=0.01, ge=0, le=1, description="Promote only if held-out mIoU falls by at most this."
+    )
+    train_held_out_share: float = Field(
+        default=0.2, gt=0, lt=1, description="Share of a project's images held out for the gate."
+    )
+    train_max_images: int = Field(default=500, ge=2, description="Learn from at most the newest N images.")
+    train_epochs: int = Field(default=6, ge=1, le=1000, description="Epochs of one fine-tuning round.")
+    train_num_workers: int = Field(default=1, ge=1, description="Ray Train workers of one training.")
+    train_stale_after_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="A running training whose heartbeat is older than this is dead and is taken over.",
+    )
+
     @model_validator(mode="after")
     def _default_database_in_home(self) -> Settings:
         if not self.database_url:
             self.database_url = f"sqlite:///{self.home.expanduser() / 'seemly.db'}"
         return self
 
-    @field_validator("file_roots", "http_allowed_hosts", mode="before")
+    @field_validator("file_roots", "http_allowed_hosts", "health_s3_uris", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("health_s3_uris")
+    @classmethod
+    def _s3_only(cls, value: list[str]) -> list[str]:
+        for uri in value:
+            if not uri.startswith("s3://") or len(uri) <= len("s3://"):
+                raise ValueError(f"{uri!r} is not an s3://bucket/prefix location")
         return value
 
     @field_validator("file_roots")

@@ -25,6 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from seemly.engines.base import Segment
+from seemly.log_setup import REQUEST_ID_PATTERN  # the backend's request id, forwarded to the replica
 from seemly.masks import Mask, MaskError
 from seemly.prompts import PromptRound, RoundResult
 
@@ -95,6 +96,7 @@ class ImageRef(_Wire):
     width: int = Field(ge=1)
     height: int = Field(ge=1)
     image: WireImage | None = None
+    request_id: str | None = Field(default=None, pattern=REQUEST_ID_PATTERN)
 
     @field_validator("sha256")
     @classmethod
@@ -179,6 +181,7 @@ class SegmentAnswer(_Wire):
     replica: str | None = None  # the replica that answered (routing diagnostics)
     timings_ms: dict[str, float] = Field(default_factory=dict)  # measured inside the replica
     error: WireError | None = None
+    request_id: str | None = None  # the caller's request id, echoed (it reached the replica)
 
 
 def encode_memory(memory: tuple[RoundResult, ...] | list[RoundResult]) -> list[dict[str, Any]]:

@@ -603,7 +603,7 @@ def test_start_training_and_legacy_train_record_requests(backend_app: BackendUnd
     )
     assert response.status_code == 200, response.json
     assert response.json["training"] == "requested"
-    assert "later issue" in response.json["detail"]
+    assert "seemly train schedule" in response.json["detail"]
     legacy = backend_app.post("/train", {"annotations": [], "project": PROJECT, "label_config": BRUSH_CONFIG})
     assert legacy.status_code == 200 and "job" not in legacy.json
     backend_app.flush()

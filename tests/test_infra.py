@@ -437,7 +437,7 @@ def test_ray_jobs_run_the_seemly_commands() -> None:
     assert re.fullmatch(
         r"seemly presegment s3://\S+ --project \S+( --\S+ \S+)*", entrypoints["seemly-presegment-"]
     )
-    assert re.fullmatch(r"seemly train --project \S+( --\S+ \S+)*", entrypoints["seemly-train-"])
+    assert re.fullmatch(r"seemly train run --project \S+( --\S+ \S+)*", entrypoints["seemly-train-"])
     for ident, doc in RAY:  # drivers and replicas must join their cluster, not start a local Ray
         for where, pod in _pod_templates(doc):
             if where == "submitter":

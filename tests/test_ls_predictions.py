@@ -119,3 +119,38 @@ def test_import_predictions_is_idempotent_and_lossless(label_studio, postgres_db
             settings=settings,
             model_version="nope",
         )
+
+
+def test_ranked_images_get_one_minus_uncertainty_as_prediction_score(label_studio, postgres_db, postgres_url):
+    """``seemly al rank`` wrote an uncertainty for a.png: its prediction's score (what the Data Manager
+    sorts by, lowest first) is ``1 - uncertainty``; b.png, not ranked, keeps its masks' mean score."""
+    from sqlalchemy import select
+
+    from seemly.db.models import ImageUri, Uncertainty
+
+    _store_masks(postgres_db, "p-al")
+    with postgres_db.begin() as conn:
+        project_id = ensure_project(conn, "p-al")
+        image_id = conn.execute(
+            select(ImageUri.image_id).where(ImageUri.uri == f"{BUCKET}/a.png")
+        ).scalar_one()
+        conn.execute(
+            Uncertainty.__table__.insert().values(project_id=project_id, image_id=image_id, score=0.8)
+        )
+    client = label_studio.client()
+    ls_project = client.projects.create(title="seemly-al", label_config=render_config("brush", ["disc"]))
+    client.projects.import_tasks(
+        id=ls_project.id, request=[{"image": f"{BUCKET}/a.png"}, {"image": f"{BUCKET}/b.png"}]
+    )
+    report = import_predictions(
+        "p-al",
+        ls_url=label_studio.url,
+        api_key=label_studio.token,
+        ls_project_id=ls_project.id,
+        settings=Settings(database_url=postgres_url),
+    )
+    assert report.predictions_created == 2
+    by_task = {t.id: t.data["image"] for t in client.tasks.list(project=ls_project.id)}
+    scores = {by_task[p.task]: p.score for p in client.predictions.list(project=ls_project.id)}
+    assert scores[f"{BUCKET}/a.png"] == pytest.approx(0.2)
+    assert scores[f"{BUCKET}/b.png"] == pytest.approx(0.55)

@@ -229,6 +229,20 @@ def test_client_sends_pixels_once_and_follows_memory(service: Service, http_clie
     other.close()
 
 
+def test_request_id_reaches_the_replica(service: Service, http_client: ServeSegmenter) -> None:
+    """The backend's request id travels with the call (header and field); the replica echoes it."""
+    from seemly.log_setup import bind_request_id
+
+    pic = picture(217)  # an image no other test embeds
+    with bind_request_id("req-serve-17"):
+        assert pic.iou(http_client.segment(pic.handle(), pic.click())[0].mask.data) > 0.8
+    assert http_client.last_answer["request_id"] == "req-serve-17"
+    http_client.segment(pic.handle(), pic.click())  # outside a request: no id is sent
+    assert http_client.last_answer["request_id"] is None
+    junk = service.post("/v1/segment", pic.body(image=False, request_id="bad id\nforged"))
+    assert junk.status_code == 400 and junk.json()["error"]["message"].startswith("request_id")
+
+
 def test_affinity_spreads_images_over_replicas(service: Service) -> None:
     by_replica: dict[str, set[int]] = {}
     for index in range(100, 116):  # 16 images: all on one replica by chance would be p = 2^-15

@@ -12,7 +12,9 @@ How tasks and images meet: a task's image URL (``task.data[<Image value="$key">]
 ``image_uris``; the masks of that image by the chosen model version become one prediction of the
 task, one region per mask: brush RLE (``Mask.to_ls_brush_rle``) for a ``<BrushLabels>`` config,
 polygons for a ``<PolygonLabels>`` one. The prediction carries ``model_version`` (the seemly model
-version name) and ``score`` (the mean of its masks' scores).
+version name) and ``score``: ``1 - uncertainty`` when ``seemly al rank`` ranked the image (so sorting
+the Data Manager by prediction score, ascending, puts the most uncertain tasks first; see
+docs/learning.md), else the mean of its masks' scores.
 
 Idempotent: a task that already has a prediction of this model version is left alone, so a rerun
 (or an import interrupted half-way and started again) creates no duplicates. Predictions are sent
@@ -35,7 +37,7 @@ from sqlalchemy import Engine, select
 
 from plugin.labeling_config import ControlTag, LabelingConfigError, parse_labeling_config
 from seemly.config import Settings, get_settings
-from seemly.db.models import ImageUri, MaskSource, ModelVersion, Project
+from seemly.db.models import ImageUri, MaskSource, ModelVersion, Project, Uncertainty
 from seemly.db.models import Mask as MaskRecord
 from seemly.db.session import make_engine
 from seemly.masks import Mask
@@ -163,6 +165,26 @@ def _masks_by_uri(
     return out
 
 
+def uncertainty_by_uri(db: Engine, project_id: int, uris: Iterable[str]) -> dict[str, float]:
+    """``{uri: uncertainty}`` for the URIs whose image ``seemly al rank`` scored in this project."""
+    table, image_uris = Uncertainty.__table__, ImageUri.__table__
+    with db.connect() as conn:
+        rows = conn.execute(
+            select(image_uris.c.uri, table.c.score)
+            .join(table, table.c.image_id == image_uris.c.image_id)
+            .where(image_uris.c.uri.in_(list(uris)), table.c.project_id == project_id)
+        )
+        return {uri: float(score) for uri, score in rows}
+
+
+def prediction_score(mask_scores: Sequence[float], uncertainty: float | None) -> float | None:
+    """A prediction's ``score``: ``1 - uncertainty`` for a ranked image (Label Studio's Data Manager
+    sorts by it: lowest = most uncertain), else the mean of the masks' own scores."""
+    if uncertainty is not None:
+        return round(1.0 - min(max(uncertainty, 0.0), 1.0), 6)
+    return sum(mask_scores) / len(mask_scores) if mask_scores else None
+
+
 def _task_fields(task: Any) -> tuple[int, Mapping[str, Any], str]:
     data = task.get("data") if isinstance(task, Mapping) else getattr(task, "data", None)
     task_id = task.get("id") if isinstance(task, Mapping) else task.id
@@ -230,6 +252,7 @@ def import_predictions(
 
         def handle(page: list[tuple[int, str]]) -> None:
             found = _masks_by_uri(db, int(project_id), version_id, [uri for _id, uri in page])
+            uncertain = uncertainty_by_uri(db, int(project_id), list(found))
             for task_id, uri in page:
                 rows = found.get(uri)
                 if not rows:
@@ -247,7 +270,7 @@ def import_predictions(
                     PredictionRequest(
                         task=task_id,
                         result=results,
-                        score=sum(scores) / len(scores) if scores else None,
+                        score=prediction_score(scores, uncertain.get(uri)),
                         model_version=version_name,
                     )
                 )

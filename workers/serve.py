@@ -33,7 +33,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -56,8 +56,10 @@ from seemly.engines.base import (
     UnsupportedPromptError,
     create_engine,
 )
+from seemly.learning.loading import VersionedEngine, load_version
+from seemly.log_setup import bind_request_id, install_request_ids, sane_request_id
 from seemly.masks import MaskError
-from seemly.prompts import PromptError, PromptRound, RoundResult
+from seemly.prompts import PromptError
 from seemly.serving import (
     ERROR_STATUS,
     ImageRef,
@@ -68,6 +70,7 @@ from seemly.serving import (
     WireImage,
     WireSegment,
 )
+from workers.serve_metrics import ReplicaMetrics
 
 log = logging.getLogger(__name__)
 
@@ -166,40 +169,6 @@ class AppArgs(SegmenterConfig):
 
 
 # --- model versions ---------------------------------------------------------------------------------
-class VersionedEngine(Engine):
-    """An engine served under another version name (a fine-tune registered as ``sam-ft-7``)."""
-
-    def __init__(self, inner: Engine, version: str, synthetic_embed_s: float = 0.0) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self._version_name = version
-        self.synthetic_embed_s = synthetic_embed_s
-
-    @property
-    def model_version(self) -> str:
-        return self._version_name
-
-    def embed(self, image: np.ndarray, sha256: str) -> ImageState:
-        started = time.perf_counter()
-        state = self.inner.embed(image, sha256)
-        state.model_version = self._version_name
-        remaining = self.synthetic_embed_s - (time.perf_counter() - started)
-        if remaining > 0:
-            time.sleep(remaining)
-        return state
-
-    def segment(
-        self, state: ImageState, prompt_round: PromptRound, memory: Sequence[RoundResult] = ()
-    ) -> list[Segment]:
-        return [self._renamed(s) for s in self.inner.segment(state, prompt_round, memory)]
-
-    def segment_everything(self, state: ImageState) -> list[Segment]:
-        return [self._renamed(s) for s in self.inner.segment_everything(state)]
-
-    def _renamed(self, segment: Segment) -> Segment:
-        return Segment(segment.mask, segment.score, self._version_name, segment.label)
-
-
 def base_spec(config: SegmenterConfig) -> tuple[str, dict[str, Any]]:
     """(engine name, options) of the base engine: the config's, else the replica's SEEMLY_* settings."""
     settings = get_settings()
@@ -236,14 +205,56 @@ class ModelRegistry:
         return version == self.base.model_version or version in self.versions
 
     def load(self, version: str) -> Engine:
+        """The engine of ``version``: the base, one of the config's versions, else the database's
+        model registry (a promoted fine-tune is served by name without a redeploy)."""
         if version == self.base.model_version:
             return self.base
         spec = self.versions.get(version)
-        if spec is None:
-            raise UnknownVersionError(
-                f"unknown model version {version!r}; this deployment serves {self.names()}"
+        if spec is not None:
+            return VersionedEngine(
+                create_engine(spec.engine, **spec.options), version, spec.synthetic_embed_s
             )
-        return VersionedEngine(create_engine(spec.engine, **spec.options), version, spec.synthetic_embed_s)
+        info = _registered(version)
+        if info is None:
+            raise UnknownVersionError(
+                f"unknown model version {version!r}; this deployment serves {self.names()} "
+                "and the model registry has no version of that name"
+            )
+        return load_version(info, device=get_settings().device)
+
+
+_registry_db: Any = None
+_registry_db_lock = threading.Lock()
+
+
+def _registered(version: str) -> Any:
+    """``versions.get_by_name`` on the replica's database (SEEMLY_DATABASE_URL), connected lazily.
+
+    A registry that cannot be read makes the version unknown (404 with the reason), not a 5xx:
+    the deployment's own versions keep being served whatever happens to the database.
+    """
+    global _registry_db
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from seemly.db.session import make_engine, normalize_url
+    from seemly.learning import versions
+
+    with _registry_db_lock:
+        if _registry_db is None:
+            url = get_settings().database_url
+            options: dict[str, Any] = {}
+            if normalize_url(url).get_backend_name() == "postgresql":
+                options = {"pool_size": 2, "max_overflow": 2, "connect_args": {"connect_timeout": 5}}
+            _registry_db = make_engine(url, **options)
+        db = _registry_db
+    try:
+        return versions.get_by_name(db, version)
+    except SQLAlchemyError as exc:
+        log.warning("cannot read the model registry for %r: %s", version, type(exc).__name__)
+        raise UnknownVersionError(
+            f"unknown model version {version!r}: it is not in this deployment's config and the model "
+            f"registry cannot be read ({type(exc).__name__}; check SEEMLY_DATABASE_URL on the replicas)"
+        ) from exc
 
 
 # --- the Segmenter deployment ----------------------------------------------------------------------
@@ -313,6 +324,8 @@ class Segmenter:
         self.batches: list[int] = []  # sizes of the embed batches run (last 1000)
         self.requests = 0
         self.started = time.time()
+        self.metrics = ReplicaMetrics()  # exported by Ray's metrics agent (workers/serve_metrics.py)
+        install_request_ids()
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         import ray
@@ -354,18 +367,43 @@ class Segmenter:
     async def _engine_for(self, requested: str | None) -> tuple[Engine, str]:
         self._registry()
         assert self.registry is not None
+        # A name outside the live config is looked up in the database registry by ``load``
+        # (UnknownVersionError there when it is unknown everywhere).
         version = serve.get_multiplexed_model_id() or requested or self.registry.promoted
-        if not self.registry.knows(version):
-            raise UnknownVersionError(
-                f"unknown model version {version!r}; this deployment serves {self.registry.names()}"
-            )
         return await self._model(version), version
 
     # --- requests ----------------------------------------------------------------------------------------
     async def segment(
         self, request: dict[str, Any], *, sha256: str | None = None, pixels: np.ndarray | None = None
     ) -> dict[str, Any]:
-        """One round (``request["round"]`` set) or whole-image proposals; answers a SegmentAnswer dict."""
+        """One round (``request["round"]`` set) or whole-image proposals; answers a SegmentAnswer dict.
+
+        Around :meth:`_segment`: the caller's request id (bound for the log lines, echoed in the
+        answer) and the replica's metrics (latency by outcome, cache counters).
+        """
+        started = time.perf_counter()
+        request_id = sane_request_id(request.get("request_id")) if isinstance(request, dict) else None
+        with bind_request_id(request_id):
+            answer = await self._segment(request, sha256=sha256, pixels=pixels)
+            status = answer.get("status", "error")
+            outcome = status if status != "error" else (answer.get("error") or {}).get("type", "internal")
+            kind = "round" if isinstance(request, dict) and request.get("round") is not None else "everything"
+            elapsed = time.perf_counter() - started
+            self.metrics.observe(
+                model_version=str(answer.get("model_version") or "unknown"),
+                kind=kind,
+                outcome=str(outcome),
+                seconds=elapsed,
+            )
+            self.metrics.sync_cache(self.cache)
+            log.debug("request %s: %s -> %s in %.1f ms", request_id or "-", kind, outcome, elapsed * 1000)
+        if request_id:
+            answer["request_id"] = request_id
+        return answer
+
+    async def _segment(
+        self, request: dict[str, Any], *, sha256: str | None = None, pixels: np.ndarray | None = None
+    ) -> dict[str, Any]:
         started = time.perf_counter()
         try:
             req = SegmentRequest.model_validate(request)

@@ -131,8 +131,18 @@ class ClassicEngine(Engine):
     version = "1"
 
     def __init__(
-        self, refiner: Refiner | None = None, params: Params | None = None, **_options: object
+        self,
+        refiner: Refiner | None = None,
+        params: Params | None = None,
+        refiner_uri: str | None = None,
+        storage: object | None = None,
+        **_options: object,
     ) -> None:
+        if refiner is None and refiner_uri:
+            # a promoted fine-tune (seemly.learning.versions.engine_spec); torch loads only here
+            from seemly.learning.refiner import LearnedRefiner
+
+            refiner = LearnedRefiner.load(refiner_uri, storage)  # type: ignore[arg-type]
         self.refiner = refiner
         self.params = params or Params()
 

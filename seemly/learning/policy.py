@@ -1,0 +1,72 @@
+"""A project's learning-loop policy: when to train and how strict the promotion gate is.
+
+Stored per project as JSON in ``projects.settings["training"]`` (any subset of the fields below);
+whatever a project leaves out comes from the ``SEEMLY_TRAIN_*`` settings. Validated strictly: an
+unknown key or a bad value is an error naming the project and the field, never silently ignored,
+because a typo in ``min_new_corrections`` would otherwise mean "never train".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from seemly.config import Settings
+from seemly.learning.gate import GatePolicy
+
+SETTINGS_KEY = "training"
+
+
+class PolicyError(ValueError):
+    """A project's ``settings["training"]`` that does not validate; the message names the field."""
+
+
+class TrainingPolicy(BaseModel):
+    """When the scheduler trains a project, and what the gate asks of a candidate."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(default=True, description="the scheduler trains this project at all")
+    min_new_corrections: int = Field(ge=1, description="train after this many new corrections")
+    interval_s: float = Field(gt=0, description="train this long after the last run, if new data came")
+    gate_noc_margin: float = Field(ge=-1, le=1, description="required NoC@90 drop, share of current")
+    gate_miou_tolerance: float = Field(ge=0, le=1, description="allowed mIoU drop")
+    held_out_share: float = Field(gt=0, lt=1, description="share of images held out for the gate")
+    max_images: int = Field(ge=2, description="learn from at most the newest N images")
+    epochs: int = Field(ge=1, le=1000, description="epochs of one fine-tuning round")
+
+    @property
+    def gate(self) -> GatePolicy:
+        return GatePolicy(noc_margin=self.gate_noc_margin, miou_tolerance=self.gate_miou_tolerance)
+
+
+def defaults(settings: Settings) -> dict[str, Any]:
+    return {
+        "min_new_corrections": settings.train_min_new_corrections,
+        "interval_s": settings.train_interval_s,
+        "gate_noc_margin": settings.train_gate_noc_margin,
+        "gate_miou_tolerance": settings.train_gate_miou_tolerance,
+        "held_out_share": settings.train_held_out_share,
+        "max_images": settings.train_max_images,
+        "epochs": settings.train_epochs,
+    }
+
+
+def policy_for(
+    project_settings: dict[str, Any] | None, settings: Settings, project: str = ""
+) -> TrainingPolicy:
+    """The project's policy: its ``settings["training"]`` over the global defaults."""
+    raw = (project_settings or {}).get(SETTINGS_KEY) or {}
+    where = f"project {project}: " if project else ""
+    if not isinstance(raw, dict):
+        raise PolicyError(
+            f'{where}settings["{SETTINGS_KEY}"] must be a JSON object, not {type(raw).__name__}'
+        )
+    try:
+        return TrainingPolicy.model_validate({**defaults(settings), **raw})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'value'}: {error['msg']}" for error in exc.errors()
+        )
+        raise PolicyError(f'{where}settings["{SETTINGS_KEY}"] is invalid: {problems}') from None
