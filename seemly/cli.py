@@ -31,17 +31,17 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ),
     ("jobs",): ("workers.jobs_cli", "list jobs with their counts, and the failed items of one job"),
     ("export", "coco"): ("workers.export", "export a project's masks as COCO instances JSON"),
-    ("train", "run"): ("workers.train", "fine-tune a project's model on Ray Train, gate it, register it"),
+    ("train", "run"): ("workers.train_cli", "fine-tune a project's model on Ray Train, gate it, register it"),
     ("train", "schedule"): (
         "workers.scheduler",
         "start trainings when corrections, time or the Train button say so",
     ),
     ("train", "versions"): (
-        "workers.train",
+        "workers.train_cli",
         "a project's model versions: parent, metrics, decision, promoted",
     ),
-    ("train", "promote"): ("workers.train", "serve a project's version NAME from now on"),
-    ("train", "rollback"): ("workers.train", "serve the current version's parent again (or the base engine)"),
+    ("train", "promote"): ("workers.train_cli", "serve a project's version NAME from now on"),
+    ("train", "rollback"): ("workers.train_cli", "serve the current version's parent again (or the base engine)"),
     ("ls", "import-predictions"): (
         "workers.ls_predictions",
         "import a project's masks into Label Studio as predictions",

@@ -24,7 +24,7 @@ from tests.train_support import (
 )
 from workers.presegment import _runner
 from workers.scheduler import due, tick
-from workers.train import TrainingBusyError, claim_training_slot
+from workers.train_slot import TrainingBusyError, claim_training_slot
 
 
 def _settings(postgres_url: str, tmp_path: Path, **overrides: object):

@@ -97,7 +97,7 @@ def due(
     db: Engine, settings: Settings, *, now: datetime | None = None, only: int | None = None
 ) -> tuple[list[Trigger], list[Outcome]]:
     """The projects to train now, and the ones skipped for a reason worth telling (bad policy, busy)."""
-    from workers.train import active_training, runner_alive
+    from workers.train_slot import active_training, runner_alive
 
     now = now or datetime.now(UTC)
     table = Project.__table__

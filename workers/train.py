@@ -26,22 +26,18 @@ most an unreferenced artifact folder, never a version.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sqlalchemy import Engine, select, update
-from sqlalchemy.exc import IntegrityError
 
 from seemly.config import Settings, get_settings
 from seemly.db.models import Job, JobStatus, Project, TrainingReason, TrainingRequest
@@ -56,22 +52,19 @@ from seemly.learning.data import (
 )
 from seemly.learning.gate import Decision, EvalMetrics, GatePolicy, decide
 from seemly.learning.policy import PolicyError, TrainingPolicy, policy_for
-from workers.presegment import _runner, _runner_alive, ensure_ray
+from workers.presegment import _runner, ensure_ray
+from workers.train_slot import (
+    MAX_ERRORS,
+    Heartbeat,
+    TrainingBusyError,
+    TrainingError,
+    claim_training_slot,
+)
 
 log = logging.getLogger(__name__)
 
-JOB_KIND = "train"
 ENGINE = "classic"  # the refiner is the classic engine's learned part
 REFINER_FILE = "refiner.pt"
-MAX_ERRORS = 50
-
-
-class TrainingError(Exception):
-    """A training that cannot start or did not finish; the message says why (shown to operators)."""
-
-
-class TrainingBusyError(TrainingError):
-    """The project's training slot is held by a live run."""
 
 
 @dataclass
@@ -134,156 +127,6 @@ def resolve_project(db: Engine, ref: str | int) -> tuple[int, str, dict[str, Any
         hint = f"; known projects: {', '.join(known)}" if known else "; there are no projects yet"
         raise TrainingError(f"no project named {text!r} or with Label Studio project id {text!r}{hint}")
     return int(row.id), str(row.name), dict(row.settings or {})
-
-
-# --------------------------------------------------------------------------------------------
-# the training slot
-# --------------------------------------------------------------------------------------------
-def active_training(db: Engine, project_id: int) -> Any | None:
-    jobs = Job.__table__
-    with db.connect() as conn:
-        return conn.execute(
-            select(jobs).where(
-                jobs.c.project_id == project_id,
-                jobs.c.kind == JOB_KIND,
-                jobs.c.status.in_([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
-            )
-        ).first()
-
-
-def runner_alive(runner: str | None, heartbeat: datetime | None, stale_after_s: float) -> bool:
-    """Whether a training job's runner may still be working: a dead pid on this host is dead at
-    once, another host's runner when its heartbeat is stale. This process's own job (another
-    thread, e.g. a second scheduler loop) counts as alive while its heartbeat is fresh."""
-    if runner == _runner():
-        return heartbeat is not None and datetime.now(UTC) - heartbeat < timedelta(seconds=stale_after_s)
-    return _runner_alive(runner, heartbeat, stale_after_s)
-
-
-def _abandon(db: Engine, job: Any, why: str) -> bool:
-    """Mark a dead run's job failed and re-queue its requests; False if someone else just did."""
-    jobs, requests = Job.__table__, TrainingRequest.__table__
-    with db.begin() as conn:
-        changed = conn.execute(
-            update(jobs)
-            .where(
-                jobs.c.id == job.id,
-                jobs.c.status == job.status,
-                jobs.c.runner.is_not_distinct_from(job.runner),
-            )
-            .values(
-                status=JobStatus.FAILED,
-                finished_at=datetime.now(UTC),
-                errors=[*(job.errors or []), {"error": why}][-MAX_ERRORS:],
-            )
-        ).rowcount
-        if changed:
-            conn.execute(
-                update(requests)
-                .where(requests.c.job_id == job.id, requests.c.status == JobStatus.RUNNING)
-                .values(status=JobStatus.QUEUED, job_id=None)
-            )
-    return bool(changed)
-
-
-def claim_training_slot(
-    db: Engine,
-    project_id: int,
-    *,
-    params: dict[str, Any],
-    stale_after_s: float,
-    project_name: str = "",
-) -> tuple[int, int | None]:
-    """Insert this run's ``running`` job; returns ``(job id, id of the dead job taken over or None)``.
-
-    The database decides who wins (the partial unique index): two concurrent claims, from any
-    processes or machines, give exactly one job. A loser whose rival is alive gets
-    :class:`TrainingBusyError`; a rival that is dead (see the module docstring) is marked failed
-    and the claim is retried once.
-    """
-    shown = project_name or f"project {project_id}"
-    took_over: int | None = None
-    for _attempt in range(3):
-        now = datetime.now(UTC)
-        try:
-            with db.begin() as conn:
-                job_id = conn.execute(
-                    Job.__table__.insert()
-                    .values(
-                        kind=JOB_KIND,
-                        project_id=project_id,
-                        params=params,
-                        status=JobStatus.RUNNING,
-                        runner=_runner(),
-                        started_at=now,
-                        heartbeat_at=now,
-                    )
-                    .returning(Job.__table__.c.id)
-                ).scalar_one()
-            return int(job_id), took_over
-        except IntegrityError:
-            pass
-        rival = active_training(db, project_id)
-        if rival is None:
-            continue  # it finished in between: try again
-        if runner_alive(rival.runner, rival.heartbeat_at, stale_after_s):
-            beat = f", last heartbeat {rival.heartbeat_at:%Y-%m-%d %H:%M:%S}Z" if rival.heartbeat_at else ""
-            raise TrainingBusyError(
-                f"a training is already running for project {shown} (job {rival.id}, runner {rival.runner}{beat})"
-            )
-        since = rival.heartbeat_at or rival.started_at
-        why = (
-            f"abandoned: runner {rival.runner} is gone (last heartbeat "
-            f"{since:%Y-%m-%d %H:%M:%S}Z); taken over by {_runner()}"
-            if since
-            else f"abandoned: runner {rival.runner} is gone; taken over by {_runner()}"
-        )
-        if _abandon(db, rival, why):
-            log.warning("training job %s of %s: %s", rival.id, shown, why)
-            took_over = int(rival.id)
-    raise TrainingBusyError(f"could not claim the training slot of project {shown}: it keeps changing hands")
-
-
-class Heartbeat:
-    """Bumps the job's ``heartbeat_at`` in a thread while the run works; tells if the slot was lost."""
-
-    def __init__(self, db: Engine, job_id: int, every_s: float) -> None:
-        self.db, self.job_id, self.every_s = db, job_id, every_s
-        self.lost = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"train-heartbeat-{job_id}", daemon=True)
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def beat(self) -> None:
-        jobs = Job.__table__
-        with self.db.begin() as conn:
-            mine = conn.execute(
-                update(jobs)
-                .where(
-                    jobs.c.id == self.job_id, jobs.c.status == JobStatus.RUNNING, jobs.c.runner == _runner()
-                )
-                .values(heartbeat_at=datetime.now(UTC))
-            ).rowcount
-        if not mine and not self.lost:
-            self.lost = True
-            log.error(
-                "training job %s was taken over by another runner; this run's result will be dropped",
-                self.job_id,
-            )
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            try:
-                self.beat()
-            except Exception as exc:  # a database hiccup must not kill the training
-                log.warning("training job %s: heartbeat failed: %s", self.job_id, exc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -795,114 +638,6 @@ def _run(
     )
 
 
-# --------------------------------------------------------------------------------------------
-# CLI: seemly train run | versions | promote | rollback   (schedule: workers.scheduler)
-# --------------------------------------------------------------------------------------------
-def configure(parser: argparse.ArgumentParser, words: tuple[str, ...]) -> None:
-    command = words[-1]
-    parser.add_argument("--project", required=True, help="project name or Label Studio project id")
-    if command == "run":
-        parser.add_argument(
-            "--reason", choices=[r.value for r in TrainingReason], default=TrainingReason.BUTTON.value
-        )
-        parser.add_argument("--epochs", type=int, help="override the project's epochs")
-        parser.add_argument(
-            "--workers", type=int, help="Ray Train workers (default SEEMLY_TRAIN_NUM_WORKERS)"
-        )
-        parser.add_argument("--no-label-model", action="store_true", help="do not refresh the label model")
-    elif command == "promote":
-        parser.add_argument("--version", required=True, help="version name (see seemly train versions)")
-
-
-def run(args: argparse.Namespace, words: tuple[str, ...]) -> int:
-    command = words[-1]
-    settings = get_settings()
-    try:
-        if command == "run":
-            return _cli_run(args, settings)
-        return _cli_registry(args, command, settings)
-    except TrainingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-def _cli_run(args: argparse.Namespace, settings: Settings) -> int:
-    options = TrainOptions(refresh_label_model=not args.no_label_model, num_workers=args.workers)
-    if args.epochs is not None:
-        if args.epochs < 1:
-            raise TrainingError("--epochs must be at least 1")
-        options.fit["epochs"] = args.epochs
-    result = run_training(
-        args.project,
-        reason=args.reason,
-        requested_by="cli",
-        settings=settings,
-        options=options,
-        progress=lambda message: print(message, flush=True),
-    )
-    verdict = "promoted" if result.promoted else "not promoted"
-    print(f"{result.version.name}: {verdict} — {result.decision.reason}")
-    if result.failed_images:
-        print(f"{len(result.failed_images)} images could not be used: seemly jobs --job {result.job_id}")
-    return 0
-
-
-def _cli_registry(args: argparse.Namespace, command: str, settings: Settings) -> int:
-    from seemly.db.session import make_engine
-
-    db = make_engine(settings.database_url)
-    try:
-        project_id, name, _ = resolve_project(db, args.project)
-        try:
-            if command == "versions":
-                print(
-                    versions_table(versions.list_versions(db, project_id))
-                    or f"project {name} has no versions yet"
-                )
-            elif command == "promote":
-                info = versions.get_by_name(db, args.version)
-                if info is None or info.project_id != project_id:
-                    raise TrainingError(
-                        f"project {name} has no version named {args.version!r} (seemly train versions)"
-                    )
-                versions.promote(db, info.id)
-                print(f"project {name} now serves {info.name}")
-            elif command == "rollback":
-                back = versions.rollback(db, project_id)
-                print(f"project {name} now serves {back.name if back else f'the base {ENGINE} engine'}")
-        except versions.VersionError as exc:
-            raise TrainingError(str(exc)) from None
-    finally:
-        db.dispose()
-    return 0
-
-
-def versions_table(rows: Sequence[versions.VersionInfo]) -> str:
-    """A plain-text table: name, parent, NoC@90 / mIoU, gate decision, promoted."""
-    if not rows:
-        return ""
-    by_id = {r.id: r.name for r in rows}
-    lines = [("name", "parent", "NoC@90", "mIoU", "decision", "promoted")]
-    for r in rows:
-        noc = r.metrics.get("noc90")
-        miou = r.metrics.get("miou")
-        decision = (r.decision or {}).get("reason", "—")
-        lines.append(
-            (
-                r.name,
-                by_id.get(r.parent_id, "—") if r.parent_id else "—",
-                f"{noc:.2f}" if isinstance(noc, int | float) else "—",
-                f"{miou:.3f}" if isinstance(miou, int | float) else "—",
-                decision,
-                "yes" if r.promoted else "",
-            )
-        )
-    widths = [max(len(line[i]) for line in lines) for i in range(5)]
-    return "\n".join(
-        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(line[:5])) + "  " + line[5] for line in lines
-    ).rstrip()
-
-
 __all__ = [
     "TrainOptions",
     "TrainingBusyError",
@@ -911,5 +646,4 @@ __all__ = [
     "claim_training_slot",
     "resolve_project",
     "run_training",
-    "versions_table",
 ]
