@@ -574,7 +574,12 @@ def _run(
 
     clock = time.perf_counter()
     init = getattr(current_engine, "refiner", None)
-    fit = {"epochs": policy.epochs, "seed": options.seed, **options.fit}
+    fit = {
+        "epochs": policy.epochs,
+        "seed": options.seed,
+        "refiner": {"image": policy.refiner_sees_image},
+        **options.fit,
+    }
     refiner_bytes, train_metrics = fit_on_ray(
         examples,
         fit,

@@ -35,6 +35,11 @@ class TrainingPolicy(BaseModel):
     held_out_share: float = Field(gt=0, lt=1, description="share of images held out for the gate")
     max_images: int = Field(ge=2, description="learn from at most the newest N images")
     epochs: int = Field(ge=1, le=1000, description="epochs of one fine-tuning round")
+    refiner_sees_image: bool = Field(
+        default=True,
+        description="the refiner learns from the image's colours too (what makes a one-kind-of-object "
+        "project learnable; on a mixed collection it overfits, and the gate refuses the candidate)",
+    )
 
     @property
     def gate(self) -> GatePolicy:
