@@ -41,7 +41,10 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
         "a project's model versions: parent, metrics, decision, promoted",
     ),
     ("train", "promote"): ("workers.train_cli", "serve a project's version NAME from now on"),
-    ("train", "rollback"): ("workers.train_cli", "serve the current version's parent again (or the base engine)"),
+    ("train", "rollback"): (
+        "workers.train_cli",
+        "serve the current version's parent again (or the base engine)",
+    ),
     ("ls", "import-predictions"): (
         "workers.ls_predictions",
         "import a project's masks into Label Studio as predictions",
