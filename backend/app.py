@@ -56,6 +56,7 @@ from backend.versions import ProjectVersions
 from backend.webhooks import TRAINING_NOTE, WebhookHandler
 from seemly.config import Settings, get_settings
 from seemly.db.session import make_engine
+from seemly.engines.semantic import ProjectSemantics, clip_from_settings
 from seemly.metrics import BackendMetrics
 from seemly.prompts import PromptError
 from seemly.storage import Storage
@@ -188,6 +189,12 @@ def build_backend(
         max_queue=options.history_queue,
     )
     versions = ProjectVersions(db, settings.version_refresh_s)
+    clip = clip_from_settings(settings, storage)  # a bad SEEMLY_CLIP_CHECKPOINT stops the start, with why
+    semantic = (
+        ProjectSemantics(db, fetcher.storage, image_loader=lambda uri: fetcher.load(uri).array, clip=clip)
+        if clip is not None
+        else None
+    )
     predictor = Predictor(
         segmenter=segmenter,
         fetcher=fetcher,
@@ -196,6 +203,7 @@ def build_backend(
         history=history,
         db=db,
         versions=versions,
+        semantic=semantic,
     )
     return Backend(
         settings=settings,

@@ -67,6 +67,18 @@ class Settings(BaseSettings):
     device: str = Field(
         default="auto", description="torch device for weight-based engines: auto | cpu | cuda."
     )
+    clip_checkpoint: str | None = Field(
+        default=None,
+        description="open_clip weights (path, file:// or s3:// URI) for open-vocabulary text prompts in "
+        "the backend; None = text prompts use the project's label model",
+    )
+    clip_model: str = Field(
+        default="ViT-B-32", description="open_clip architecture of SEEMLY_CLIP_CHECKPOINT."
+    )
+    clip_config: str | None = Field(
+        default=None,
+        description="open_clip model config JSON for SEEMLY_CLIP_CHECKPOINT (instead of clip_model).",
+    )
 
     # --- Ray -----------------------------------------------------------------------------------
     ray_address: str | None = Field(default=None, description="Ray cluster address; unset = local Ray.")

@@ -274,3 +274,46 @@ def test_bench_cli_reports_a_bad_clip_checkpoint(tmp_path: Path, capsys: pytest.
     assert "no such file" in capsys.readouterr().err
     assert cli.main(["bench", "interactive", "--dataset", str(tmp_path), "--clip-checkpoint", "x.pt"]) == 2
     assert "add it to --engine" in capsys.readouterr().err
+
+
+# --- the backend: SEEMLY_CLIP_CHECKPOINT answers text prompts -----------------------------------------
+
+
+def test_backend_answers_text_prompts_with_clip_weights(
+    tiny: tuple[Path, Path], postgres_db: Any, postgres_url: str, tmp_path: Path
+) -> None:
+    from tests.backend_support import interactive_body, make_backend, make_scene, save, textarea
+
+    config_path, weights = tiny
+    images = tmp_path / "images"
+    images.mkdir()
+    plain = make_backend(postgres_db, postgres_url, images)
+    scene = make_scene(3)
+    uri = save(scene, images, "scene.png")
+    try:  # no label model and no CLIP weights: the text cannot be followed, and the answer says so
+        refused = plain.post("/predict", interactive_body(1, uri, [textarea("dog")]))
+        assert refused.status_code == 422 and "looks like" not in refused.json["error"]
+    finally:
+        plain.backend.history.close()
+
+    backend = make_backend(
+        postgres_db, postgres_url, images, clip_checkpoint=str(weights), clip_config=str(config_path)
+    )
+    try:
+        assert isinstance(backend.backend.predictor.semantic.clip, ClipScorer)
+        response = backend.post("/predict", interactive_body(2, uri, [textarea("dog")]))
+        # The proposals were scored by image-text similarity: with random tiny weights nothing
+        # clears the threshold, and the answer is CLIP's own (real weights find the dog).
+        assert response.status_code == 422, response.json
+        assert "no region of this image looks like 'dog'" in response.json["error"]
+    finally:
+        backend.backend.history.close()
+
+
+def test_backend_refuses_to_start_with_a_bad_clip_checkpoint(
+    postgres_db: Any, postgres_url: str, tmp_path: Path
+) -> None:
+    from tests.backend_support import make_backend
+
+    with pytest.raises(CheckpointNotFoundError):
+        make_backend(postgres_db, postgres_url, tmp_path, clip_checkpoint=str(tmp_path / "missing.pt"))

@@ -697,11 +697,23 @@ def _semantic_factory(
 # --- the backend's per-project view ----------------------------------------------------------------------
 
 
+def clip_from_settings(settings: Any, storage: Any | None = None) -> Scorer | None:
+    """The open_clip scorer ``SEEMLY_CLIP_CHECKPOINT`` names, or None; a bad checkpoint raises with why."""
+    if not settings.clip_checkpoint:
+        return None
+    from seemly.engines.clip_scorer import ClipScorer
+
+    return ClipScorer(
+        settings.clip_checkpoint, settings.clip_model, model_config=settings.clip_config, storage=storage
+    )
+
+
 class ProjectSemantics:
     """One :class:`SemanticEngine` per Label Studio project, over the backend's segmenter client.
 
-    The labels come from the request's labeling config; the label model from the URI stored in the
-    project's settings (``projects.settings["label_model"]["uri"]``, written by
+    The labels come from the request's labeling config; open-vocabulary scoring from ``clip`` (the
+    backend loads ``SEEMLY_CLIP_CHECKPOINT`` once, :func:`clip_from_settings`); the label model from
+    the URI stored in the project's settings (``projects.settings["label_model"]["uri"]``, written by
     ``seemly labels train``), looked up at most every ``refresh_seconds`` so that a retrained model is
     picked up without a restart. A database or storage failure means "no label model" (logged).
     """
@@ -715,8 +727,10 @@ class ProjectSemantics:
         refresh_seconds: float = 60.0,
         embedder: Embedder | bool | None = None,
         max_projects: int = 64,
+        clip: Scorer | None = None,
     ) -> None:
         self.db, self.storage = db, storage
+        self.clip = clip  # open-vocabulary scorer for every project (SEEMLY_CLIP_CHECKPOINT)
         self.image_loader = image_loader
         self.refresh_seconds = refresh_seconds
         self.embedder = embedder
@@ -805,6 +819,7 @@ class ProjectSemantics:
             base or _NoBase(),
             self._label_model(uri),
             self.matcher(labels),
+            self.clip,
             labels=labels,
             image_loader=self.image_loader,
         )
