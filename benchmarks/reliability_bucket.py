@@ -20,7 +20,7 @@ from sqlalchemy.pool import NullPool
 from seemly.config import Settings
 from seemly.db.session import make_engine
 from tests.fixtures.faulty_s3 import FaultyS3Proxy
-from tests.fixtures.postgres import _admin_engine
+from tests.fixtures.postgres import block_database
 from tests.fixtures.s3 import S3_TEST_ACCESS_KEY, S3_TEST_SECRET_KEY, make_s3_client
 from tests.test_presegment import tiny_png
 from workers.presegment import PresegmentOptions, presegment
@@ -123,24 +123,6 @@ def restart_postgres(version: str = "15") -> None:
         capture_output=True,
         timeout=120,
     )
-
-
-def block_database(admin_url: str, name: str, blocked: bool) -> None:
-    """Refuse new connections to one database and end its sessions (an outage of only this database)."""
-    admin = _admin_engine(admin_url)
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {str(not blocked).lower()}'))
-            if blocked:
-                conn.execute(
-                    text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE datname = :n AND pid <> pg_backend_pid()"
-                    ),
-                    {"n": name},
-                )
-    finally:
-        admin.dispose()
 
 
 @dataclass

@@ -26,29 +26,11 @@ from seemly.embed_cache import EmbedCache
 from seemly.engines.base import create_engine
 from seemly.prompts import Click, PromptRound
 from tests.fixtures.faulty_s3 import FaultyS3Proxy
-from tests.fixtures.postgres import _admin_engine
+from tests.fixtures.postgres import block_database
 from tests.test_presegment import fill, job_settings, mask_stats, options, tiny_png
 from workers.presegment import presegment
 
 OUTAGE_S = 3.0
-
-
-def _block_database(admin_url: str, name: str, blocked: bool) -> None:
-    """Refuse (or allow again) new connections to ``name`` and end the existing ones when refusing."""
-    admin = _admin_engine(admin_url)
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {str(not blocked).lower()}'))
-            if blocked:
-                conn.execute(
-                    text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                        "WHERE datname = :name AND pid <> pg_backend_pid()"
-                    ),
-                    {"name": name},
-                )
-    finally:
-        admin.dispose()
 
 
 def test_disconnects_are_retried_until_the_database_is_back(postgres_admin_url, postgres_url):
@@ -62,8 +44,8 @@ def test_disconnects_are_retried_until_the_database_is_back(postgres_admin_url, 
             return int(conn.execute(text("SELECT 7")).scalar_one())
 
     try:
-        _block_database(postgres_admin_url, name, True)
-        timer = threading.Timer(1.0, _block_database, (postgres_admin_url, name, False))
+        block_database(postgres_admin_url, name, True)
+        timer = threading.Timer(1.0, block_database, (postgres_admin_url, name, False))
         timer.start()
         assert retry_disconnects(query, what="probe", deadline_s=30) == 7
         timer.join()
@@ -73,7 +55,7 @@ def test_disconnects_are_retried_until_the_database_is_back(postgres_admin_url, 
             retry_disconnects(lambda: db.connect().execute(text("SELECT nope")), what="bad", deadline_s=30)
         assert not is_disconnect(failure.value)
     finally:
-        _block_database(postgres_admin_url, name, False)
+        block_database(postgres_admin_url, name, False)
         db.dispose()
 
 
@@ -92,13 +74,13 @@ def test_bucket_job_rides_out_a_database_outage(
                 with postgres_db.connect() as conn:
                     registered = conn.execute(text("SELECT count(*) FROM job_items")).scalar_one()
                 if registered:
-                    _block_database(postgres_admin_url, name, True)
+                    block_database(postgres_admin_url, name, True)
                     outage["start"] = time.monotonic()
                     time.sleep(OUTAGE_S)
                     return
                 time.sleep(0.05)
         finally:
-            _block_database(postgres_admin_url, name, False)
+            block_database(postgres_admin_url, name, False)
             outage["end"] = time.monotonic()
 
     cutter = threading.Thread(target=cut_the_database_once_the_job_runs, daemon=True)
