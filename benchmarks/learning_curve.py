@@ -10,7 +10,9 @@ planes (``--image``, off by default on GrabCut, where it overfitted). The 50 Gra
 pool of 30 and 20 held-out *test* images nobody ever labels. Each round, the simulated annotators
 label the next ``--batch`` pool images: random order (one seeded shuffle per ``--seeds``) or active
 order (the pool images the served engine is least sure about, ``image_uncertainty`` of the
-current and the previous version). Each labelled image becomes "corrections": training examples
+current and the previous version), or ``weighted`` / ``hybrid`` order (``select_batch``: drawn with
+probability proportional to that uncertainty, or half most uncertain and half random; one seeded
+draw per ``--seeds``). Each labelled image becomes "corrections": training examples
 from simulated click sessions of the *served* engine (``simulate_examples``), except that one
 image per batch joins a gate set instead. :func:`train_gate_promote` (the one step the full
 pipeline, ``workers.train``, replaces) fine-tunes the served refiner on all examples so far,
@@ -45,7 +47,7 @@ from seemly.learning.examples import RefineExample, simulate_examples  # noqa: E
 from seemly.learning.fit import FitConfig, fit_refiner  # noqa: E402
 from seemly.learning.gate import Decision, EvalMetrics, GatePolicy, decide  # noqa: E402
 from seemly.learning.refiner import LearnedRefiner, RefinerConfig  # noqa: E402
-from seemly.learning.uncertainty import image_uncertainty  # noqa: E402
+from seemly.learning.uncertainty import image_uncertainty, select_batch  # noqa: E402
 
 DEFAULT_DATASET = Path("/work/shared/data/grabcut")
 
@@ -134,6 +136,10 @@ def order_active(served: Served, pool: list[Sample], seed: int) -> list[tuple[fl
     return sorted(scored, key=lambda item: (-item[0], item[1].stem))
 
 
+SAMPLED_ORDERS = ("weighted", "hybrid")  # select_batch strategies, drawn per seed
+ORDERS = ("random", "active", *SAMPLED_ORDERS)
+
+
 def run_curve(
     dataset: Dataset | DomainDataset,
     pool_stems: list[str],
@@ -168,6 +174,11 @@ def run_curve(
             ranked = order_active(served, remaining, seed)
             chosen = [sample for _, sample in ranked[:batch]]
             uncertainty = {s.stem: round(u, 4) for u, s in ranked[:batch]}
+        elif order in SAMPLED_ORDERS:
+            ranked = order_active(served, remaining, seed)
+            picked = select_batch([u for u, _ in ranked], batch, rng, order)
+            chosen = [ranked[i][1] for i in picked]
+            uncertainty = {ranked[i][1].stem: round(ranked[i][0], 4) for i in picked}
         else:
             chosen, uncertainty = remaining[:batch], {}
         remaining = [s for s in remaining if s.stem not in {c.stem for c in chosen}]
@@ -272,12 +283,21 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     draw.line([at(0, base), at(x_max, base)], fill=(120, 120, 120), width=1)
     target = base * 0.8
     draw.line([at(0, target), at(x_max, target)], fill=(200, 160, 160), width=1)
-    colours = {"random": (40, 90, 200), "active": (220, 80, 30), "random-mean": (20, 40, 120)}
+    colours = {
+        "random": (40, 90, 200),
+        "active": (220, 80, 30),
+        "random-mean": (20, 40, 120),
+        "weighted": (60, 160, 60),
+        "weighted-mean": (20, 100, 20),
+        "hybrid": (150, 60, 170),
+        "hybrid-mean": (90, 20, 110),
+    }
+    light_seeds = {"random": (150, 170, 230), "weighted": (150, 210, 150), "hybrid": (200, 160, 215)}
     legend = [("untrained", (120, 120, 120)), ("-20 % target", (200, 160, 160))]
     for curve in curves:
         colour = colours.get(curve["label"].split(" ")[0], (60, 160, 60))
-        if curve["label"].startswith("random seed"):
-            colour = (150, 170, 230)
+        if " seed " in curve["label"]:
+            colour = light_seeds.get(curve["label"].split(" ")[0], colour)
         pts = [at(p["labelled"], p["noc90"]) for p in curve["points"]]
         draw.line(pts, fill=colour, width=3 if "seed" not in curve["label"] else 1)
         for px, py in pts:
@@ -343,8 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="labelling pool size, the rest are test images (30; domain: 60)",
     )
-    parser.add_argument("--seeds", type=int, default=1, help="random orders to average")
-    parser.add_argument("--orders", default="random,active")
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="random (and weighted, hybrid) orders to average"
+    )
+    parser.add_argument("--orders", default="random,active", help=f"comma-separated: {', '.join(ORDERS)}")
     parser.add_argument("--sessions", type=int, default=3, help="simulated sessions per labelled image")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--max-steps", type=int, default=120, help="training steps per round")
@@ -397,9 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     orders = [o.strip() for o in args.orders.split(",") if o.strip()]
     jobs = []
     for order in orders:
-        if order not in ("random", "active"):
-            parser.error(f"unknown order {order!r}: use random and/or active")
-        jobs += [(order, seed) for seed in range(args.seeds if order == "random" else 1)]
+        if order not in ORDERS:
+            parser.error(f"unknown order {order!r}: use {', '.join(ORDERS)}")
+        jobs += [(order, seed) for seed in range(args.seeds if order != "active" else 1)]
     common = {
         "rounds": args.rounds,
         "batch": args.batch,
@@ -424,11 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         curves = [run_curve(dataset, pool_stems, test, order=o, seed=s, **common) for o, s in jobs]
     for curve in curves:
-        multi = curve["order"] == "random" and args.seeds > 1
-        curve["label"] = f"random seed {curve['seed']}" if multi else curve["order"]
-    randoms = [c for c in curves if c["order"] == "random"]
-    if len(randoms) > 1:
-        curves.append(mean_curve(randoms, "random-mean"))
+        multi = curve["order"] != "active" and args.seeds > 1
+        curve["label"] = f"{curve['order']} seed {curve['seed']}" if multi else curve["order"]
+    for order in orders:
+        same = [c for c in curves if c.get("order") == order]
+        if len(same) > 1:
+            curves.append(mean_curve(same, f"{order}-mean"))
     payload = {
         "machine": machine_description(),
         "dataset": str(dataset.root),

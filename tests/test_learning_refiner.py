@@ -254,8 +254,13 @@ def test_learning_curve_split_and_plot(tmp_path: Path) -> None:
     points = [{"labelled": n, "noc90": 3.0 - 0.1 * n, "miou_mean": 0.9} for n in (0, 2, 4)]
     payload = {
         "baseline": {"noc90": 3.0},
-        "curves": [{"label": "random", "points": points}, {"label": "active", "points": points}],
+        "curves": [{"label": "random", "points": points}, {"label": "active", "points": points}]
+        + [
+            {"label": label, "points": points}
+            for label in ("weighted seed 0", "weighted seed 1", "weighted-mean")
+        ],
     }
+    assert module.ORDERS == ("random", "active", "weighted", "hybrid")
     module.plot(payload, tmp_path / "curve.png")
     from PIL import Image
 

@@ -98,3 +98,43 @@ def image_uncertainty(
     total = sum(WEIGHTS[k] for k in components)
     score = sum(WEIGHTS[k] * v for k, v in components.items()) / total
     return Uncertainty(float(np.clip(score, 0.0, 1.0)), components)
+
+
+STRATEGIES = ("top", "weighted", "hybrid")
+
+
+def select_batch(
+    scores: Sequence[float], k: int, rng: np.random.Generator, strategy: str = "weighted"
+) -> list[int]:
+    """Indices of the ``k`` images to label next, given each candidate's uncertainty.
+
+    * ``top``: the ``k`` most uncertain, most uncertain first. Greedy: it takes the outliers first
+      and a batch of near-duplicates of one hard case.
+    * ``weighted``: ``k`` drawn without replacement with probability proportional to the uncertainty
+      (Efraimidis-Spirakis keys ``u ** (1 / w)``), so hard images are likelier but the batch still
+      spreads over the pool.
+    * ``hybrid``: the ``ceil(k / 2)`` most uncertain plus the rest uniformly from the others.
+
+    ``weighted`` and ``hybrid`` return the batch in random order, so that any position of it (the
+    benchmark's gate image is the last) is a uniform draw from the batch, as in random order.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
+    values = np.asarray(scores, dtype=float)
+    if values.ndim != 1 or not np.all(np.isfinite(values)) or np.any(values < 0):
+        raise ValueError("scores must be finite, non-negative numbers")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    k = min(k, len(values))
+    top = sorted(range(len(values)), key=lambda i: (-values[i], i))
+    if strategy == "top":
+        return top[:k]
+    if strategy == "weighted":
+        weights = np.maximum(values, 1e-9)  # all-zero scores degrade to a uniform draw
+        keys = np.log(rng.random(len(values)) + 1e-300) / weights  # log of u ** (1 / w): no underflow
+        picked = [int(i) for i in np.argsort(-keys, kind="stable")[:k]]
+    else:
+        head = top[: (k + 1) // 2]
+        rest = top[(k + 1) // 2 :]
+        picked = head + [rest[int(i)] for i in rng.choice(len(rest), size=k - len(head), replace=False)]
+    return [picked[int(i)] for i in rng.permutation(len(picked))]
