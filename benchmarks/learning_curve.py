@@ -156,6 +156,7 @@ def run_curve(
     max_clicks: int,
     baseline: EvalResult,
     eval_candidates: bool = False,
+    gate_per_batch: int = 1,
 ) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     remaining = [dataset.load(stem) for stem in pool_stems]
@@ -183,11 +184,11 @@ def run_curve(
             chosen, uncertainty = remaining[:batch], {}
         remaining = [s for s in remaining if s.stem not in {c.stem for c in chosen}]
         rank_seconds = time.perf_counter() - started
-        # one image of the batch joins the gate set, the others become training examples
-        gate_samples.append(chosen[-1])
+        # the last gate_per_batch images join the gate set, the others become training examples
+        gate_samples.extend(chosen[-gate_per_batch:])
         started = time.perf_counter()
         engine = served.engine()
-        for sample in chosen[:-1]:
+        for sample in chosen[:-gate_per_batch]:
             examples += simulate_examples(
                 engine,
                 sample.image,
@@ -381,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also measure each round's candidate on the test images",
     )
+    parser.add_argument(
+        "--gate-per-batch",
+        type=int,
+        default=1,
+        help="images of each batch that join the gate set (the last ones)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="curves computed side by side (processes)")
     parser.add_argument(
         "--quick", action="store_true", help="2 rounds x 4 images, 10 test images, short fits"
@@ -390,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.batch, args.max_steps, args.sessions = 2, 4, 30, 1
-    if args.batch < 2:
-        parser.error("--batch must be at least 2 (one image of each batch joins the gate set)")
+    if not 1 <= args.gate_per_batch < args.batch:
+        parser.error("--gate-per-batch must be at least 1 and below --batch (the rest are training examples)")
     _one_thread()  # measured faster than 2 threads on a shared 2-core machine
     dataset = open_dataset(args.dataset, args.domain_images)
     if args.pool is None:
@@ -432,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_clicks": args.max_clicks,
         "baseline": baseline,
         "eval_candidates": args.eval_candidates,
+        "gate_per_batch": args.gate_per_batch,
     }
     if args.workers > 1:
         import multiprocessing
