@@ -28,7 +28,6 @@ import io
 import os
 import platform
 import re
-import secrets
 import signal
 import socket
 import statistics
@@ -49,9 +48,8 @@ for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
-from sqlalchemy import create_engine, insert, select, text  # noqa: E402
+from sqlalchemy import insert, select, text  # noqa: E402
 from sqlalchemy.dialects.postgresql import insert as pg_insert  # noqa: E402
-from sqlalchemy.pool import NullPool  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -62,10 +60,11 @@ from seemly.db.models import Image as ImageRow  # noqa: E402
 from seemly.db.models import ImageUri, MaskSource  # noqa: E402
 from seemly.db.models import Mask as MaskRow  # noqa: E402
 from seemly.db.registry import ensure_model_version, ensure_project  # noqa: E402
-from seemly.db.session import make_engine, normalize_url  # noqa: E402
+from seemly.db.session import make_engine  # noqa: E402
 from seemly.engines.base import create_engine as create_seg_engine  # noqa: E402
 from seemly.pipeline import SegmentMode, segment_bytes  # noqa: E402
 from seemly.storage import Storage  # noqa: E402
+from tests.fixtures.postgres import temporary_database  # noqa: E402
 
 DEFAULT_URL = os.environ.get(
     "SEEMLY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -113,22 +112,6 @@ What the runs of 2026-11-25 showed (the numbers above are from the last run; the
 # --------------------------------------------------------------------------------------------
 # set-up: database, S3 server, images
 # --------------------------------------------------------------------------------------------
-@contextmanager
-def scratch_database(admin_url: str) -> Iterator[str]:
-    name = f"seemly_bench_{os.getpid()}_{secrets.token_hex(4)}"
-    admin = create_engine(normalize_url(admin_url), poolclass=NullPool, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield normalize_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
-
-
 @contextmanager
 def moto_server() -> Iterator[str]:
     """moto's S3 server in its own process on a free loopback port."""
@@ -426,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     load_before = loadavg()
 
-    with scratch_database(args.url) as url, moto_server() as endpoint:
+    with temporary_database(args.url, prefix="seemly_bench") as url, moto_server() as endpoint:
         upgrade(url)
         settings = Settings(
             database_url=url,

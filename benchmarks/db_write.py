@@ -31,46 +31,32 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import secrets
 import statistics
+import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Engine, create_engine, func, insert, select, text
+from sqlalchemy import Engine, func, insert, select, text
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import NullPool
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.fixtures
 
 from seemly.db.bulk import PARALLEL_CONNECTIONS, mask_row, upsert_images, write_masks
 from seemly.db.migrate import downgrade, upgrade
 from seemly.db.models import Job, Mask, MaskSource, ModelVersion, Project
-from seemly.db.session import make_engine, normalize_url
+from seemly.db.session import make_engine
 from seemly.masks import Mask as BinaryMask
+from tests.fixtures.postgres import temporary_database
 
 DEFAULT_URL = os.environ.get(
     "SEEMLY_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
 MASKS_PER_IMAGE = 20
 SIDE = 512
-
-
-@contextmanager
-def scratch_database(admin_url: str) -> Iterator[str]:
-    name = f"seemly_bench_{os.getpid()}_{secrets.token_hex(4)}"
-    admin = create_engine(normalize_url(admin_url), poolclass=NullPool, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-        try:
-            yield normalize_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    finally:
-        admin.dispose()
 
 
 def ellipse_masks(count: int, seed: int = 0) -> list[BinaryMask]:
@@ -258,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    with scratch_database(args.url) as url:
+    with temporary_database(args.url, prefix="seemly_bench") as url:
         upgrade(url)
         # A fixed pool (no overflow, no pre-ping reconnects), so every backend the methods use is measured.
         pool = PARALLEL_CONNECTIONS
