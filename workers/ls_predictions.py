@@ -310,20 +310,27 @@ def configure(parser: argparse.ArgumentParser, words: tuple[str, ...]) -> None:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="predictions per request")
 
 
-def run(args: argparse.Namespace, words: tuple[str, ...]) -> int:
-    settings = get_settings()
+def import_from_args(args: argparse.Namespace, settings: Settings, **options: Any) -> ImportReport:
+    """:func:`import_predictions` for a command line's ``--project/--ls-url/--ls-api-key/--ls-project``
+    (URL and token default to the settings); shared by this command and ``seemly presegment``."""
     key = args.ls_api_key or (
         settings.label_studio_api_key.get_secret_value() if settings.label_studio_api_key else None
     )
+    return import_predictions(
+        args.project,
+        ls_url=args.ls_url or settings.label_studio_url,
+        api_key=key,
+        ls_project_id=args.ls_project,
+        settings=settings,
+        **options,
+    )
+
+
+def run(args: argparse.Namespace, words: tuple[str, ...]) -> int:
+    settings = get_settings()
     try:
-        report = import_predictions(
-            args.project,
-            ls_url=args.ls_url or settings.label_studio_url,
-            api_key=key,
-            ls_project_id=args.ls_project,
-            settings=settings,
-            model_version=args.model_version,
-            batch_size=max(1, args.batch_size),
+        report = import_from_args(
+            args, settings, model_version=args.model_version, batch_size=max(1, args.batch_size)
         )
     except PredictionImportError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -616,19 +616,10 @@ def run(args: argparse.Namespace, words: tuple[str, ...]) -> int:
     if counts["failed"]:
         print(f"failed items: seemly jobs --job {result.job_id}")
     if args.ls_project is not None:
-        from workers.ls_predictions import PredictionImportError, import_predictions
+        from workers.ls_predictions import PredictionImportError, import_from_args
 
-        key = args.ls_api_key or (
-            settings.label_studio_api_key.get_secret_value() if settings.label_studio_api_key else None
-        )
         try:
-            report = import_predictions(
-                args.project,
-                ls_url=args.ls_url or settings.label_studio_url,
-                api_key=key,
-                ls_project_id=args.ls_project,
-                settings=settings,
-            )
+            report = import_from_args(args, settings)
         except PredictionImportError as exc:
             print(f"error: Label Studio import: {exc}", file=sys.stderr)
             return 2
