@@ -114,7 +114,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = full_parser.parse_args(rest[len(words) :])
     args.verbose = known.verbose or any(a in ("-v", "--verbose") for a in argv)
     _setup_logging(logging.DEBUG if args.verbose else logging.INFO)
-    return int(module.run(args, words) or 0)
+    try:
+        return int(module.run(args, words) or 0)
+    except Exception as exc:
+        if _missing_schema(exc):  # a database nobody migrated: say how, not a stack trace
+            print(
+                f"error: the database has no seemly tables yet: run `seemly db upgrade` ({exc.args[0]})",
+                file=sys.stderr,
+            )
+            return 2
+        raise
+
+
+def _missing_schema(exc: BaseException) -> bool:
+    """Whether ``exc`` is a query on a table that does not exist (SQLite or Postgres)."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
+
+    if not isinstance(exc, OperationalError | ProgrammingError):
+        return False
+    text = str(exc.orig)
+    return "no such table" in text or ("relation" in text and "does not exist" in text)
 
 
 if __name__ == "__main__":

@@ -691,3 +691,18 @@ def test_cli_db_upgrade_uses_settings_url(
         get_settings.cache_clear()
     assert current_revision(url) == "0003"
     capsys.readouterr()
+
+
+def test_cli_on_an_unmigrated_database_says_how_to_migrate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from seemly.config import get_settings
+
+    monkeypatch.setenv("SEEMLY_DATABASE_URL", f"sqlite:///{tmp_path / 'empty.db'}")
+    get_settings.cache_clear()
+    try:
+        assert cli.main(["train", "versions", "--project", "cats"]) == 2
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert "no seemly tables yet: run `seemly db upgrade`" in err and "Traceback" not in err
