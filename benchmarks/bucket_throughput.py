@@ -54,6 +54,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from seemly.bench.machine import cpu_model  # noqa: E402
 from seemly.config import Settings  # noqa: E402
 from seemly.db.migrate import upgrade  # noqa: E402
 from seemly.db.models import Image as ImageRow  # noqa: E402
@@ -365,16 +366,6 @@ def timeline(calls: dict[int, list[tuple[float, float]]], start: float, end: flo
     }
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def loadavg() -> str:
     try:
         return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -490,10 +481,11 @@ def main(argv: list[str] | None = None) -> int:
         *(f"| {name} | {n} | {s:.1f} | {rate:.2f} | {x} | {pct} |" for name, n, s, rate, x, pct in rows),
     ]
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    cpu = cpu_model(platform.processor() or "unknown CPU")
     lines = [
         SECTION,
         "",
-        f"Measured {now} on {platform.machine()}, {cores} cores ({cpu_model()}), shared with other work "
+        f"Measured {now} on {platform.machine()}, {cores} cores ({cpu}), shared with other work "
         f"(load average {load_before} before, {load_after} after). Bucket: {args.images} JPEG photos of "
         f"{width}x{height} (mean {mean_kib:.0f} KiB) made from scikit-image samples, on moto's S3 server "
         f"(loopback, own process); Postgres on the same machine; engine `{settings.engine}`, mode `{mode.value}`.",

@@ -45,6 +45,7 @@ from sqlalchemy.orm import Session
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.fixtures
 
+from seemly.bench.machine import cpu_model
 from seemly.db.bulk import PARALLEL_CONNECTIONS, mask_row, upsert_images, write_masks
 from seemly.db.migrate import downgrade, upgrade
 from seemly.db.models import Job, Mask, MaskSource, ModelVersion, Project
@@ -218,12 +219,7 @@ def timed(
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model(platform.processor() or platform.machine())
     return f"{os.cpu_count()} CPU ({cpu}), Python {platform.python_version()}"
 
 

@@ -53,6 +53,7 @@ import numpy as np
 
 from backend.segmenter import ImageHandle, InProcessSegmenter
 from backend.serve_client import ServeSegmenter
+from seemly.bench.machine import cpu_model
 from seemly.bench.simulator import SimClick, next_click
 from seemly.engines.base import create_engine
 from seemly.images import DecodedImage
@@ -244,14 +245,7 @@ def table(samples: list[Sample]) -> str:
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model("unknown CPU")
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     return (
         f"{platform.machine()}, {os.cpu_count()} CPUs ({model}), Python {platform.python_version()}, "

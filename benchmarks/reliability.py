@@ -57,6 +57,7 @@ import reliability_stack as stack  # noqa: E402
 import requests  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
+from seemly.bench.machine import cpu_model  # noqa: E402
 from seemly.db.migrate import upgrade  # noqa: E402
 from seemly.db.session import make_engine  # noqa: E402
 from tests.fixtures.postgres import DEFAULT_ADMIN_URL, temporary_database  # noqa: E402
@@ -67,14 +68,7 @@ ALL = (*STACK_SCENARIOS, *BUCKET_SCENARIOS, "train-kill")
 
 
 def machine() -> dict[str, Any]:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model("unknown CPU")
     return {
         "cpus": os.cpu_count(),
         "cpu": model,

@@ -23,6 +23,7 @@ from typing import Any
 
 from seemly.bench import metrics, simulator
 from seemly.bench.datasets import Dataset, Sample
+from seemly.bench.machine import cpu_model
 from seemly.engines.base import Engine, EngineError, create_engine
 from seemly.masks import Mask
 from seemly.prompts import PromptRound
@@ -149,15 +150,7 @@ def run_benchmark(
 
 def machine_description() -> str:
     """CPU model, core count and Python version, for the record next to the numbers."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = cpu_model(platform.processor() or platform.machine())
     return f"{model}, {os.cpu_count()} CPUs ({platform.machine()}), Python {platform.python_version()}"
 
 
