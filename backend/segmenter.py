@@ -234,13 +234,11 @@ def make_segmenter_client(
     up (the backend itself starts anyway, so that Label Studio can reach /health).
     """
     if not settings.segmenter_url:
-        from seemly.engines.base import create_engine
+        from seemly.engines.base import configured_engine_spec, create_engine
 
-        options: dict[str, Any] = {}
-        if settings.engine != "classic":
-            options = {"checkpoint": settings.engine_checkpoint, "device": settings.device}
+        name, options = configured_engine_spec(settings)
         return InProcessSegmenter(
-            create_engine(settings.engine, **options),
+            create_engine(name, **options),
             cache_bytes=cache_bytes,
             max_versions=max_versions,
             device=settings.device,

@@ -369,12 +369,10 @@ def presegment(
         except StorageError as exc:
             raise PresegmentError(f"cannot list {display_uri(prefix_uri)}: {exc}") from None
 
-    from seemly.engines.base import create_engine
+    from seemly.engines.base import configured_engine_spec, create_engine
 
-    engine_options: dict[str, Any] = {}
-    if settings.engine != "classic":
-        engine_options = {"checkpoint": settings.engine_checkpoint, "device": settings.device}
-    engine = create_engine(settings.engine, **engine_options)
+    engine_name, engine_options = configured_engine_spec(settings)
+    engine = create_engine(engine_name, **engine_options)
     db = make_engine(settings.database_url)
     try:
         project_id = ensure_project(db, project)

@@ -1,15 +1,21 @@
-"""``seemly train run``: fine-tune a project's refiner on Ray Train, gate it, register (and promote) it.
+"""``seemly train run``: fine-tune a project's model on Ray Train, gate it, register (and promote) it.
 
-One run, in order (each step's failure fails the job with a clear message, nothing half-done
-is ever served)::
+What trains is the learned part of the engine the project is served with (its promoted version's
+engine, or its policy's ``base_engine`` while none is promoted): the classic engine's refiner, or
+SAM's mask decoder (:mod:`workers.train_sam`). One run, in order (each step's failure fails the job
+with a clear message, nothing half-done is ever served)::
 
     claim the project's training slot  (jobs row kind=train, status=running; the partial unique
         index uq_jobs_one_active_training refuses a second one; a dead runner's job is taken over)
     load data     corrections + human masks up to fixed ids, images through seemly.storage,
                   split train / held-out by image sha256        (seemly.learning.data)
-    simulate      click sessions of the current engine on the training pairs -> refiner examples
-    fit           Ray Train TorchTrainer: fit_refiner in the worker(s), a checkpoint per epoch
-    artifact      the final refiner -> <artifacts>/projects/<p>/train-<job>/refiner.pt (written whole)
+    simulate      classic: click sessions of the current engine on the training pairs -> refiner examples
+                  sam: the training images and masks in SAM's input frame (prompts are simulated
+                  in the worker, from the decoder's own predictions)
+    fit           Ray Train TorchTrainer (workers.train_ray): fit_refiner / fit_decoder in the
+                  worker(s), a checkpoint per epoch
+    artifact      <artifacts>/projects/<p>/train-<job>/refiner.pt, or sam.pth: the whole fine-tuned
+                  SAM checkpoint (written whole)
     evaluate      candidate and current (promoted version or base engine) on the held-out pairs
     gate          seemly.learning.gate.decide
     register      one transaction: the version row (parent = current), its metrics and decision,
@@ -28,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,13 +41,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from sqlalchemy import Engine, select, update
 
 from seemly.config import Settings, get_settings
 from seemly.db.models import Job, JobStatus, Project, TrainingReason, TrainingRequest
 from seemly.learning import versions
-from seemly.learning.artifacts import artifact_storage, artifact_uri, artifacts_root, local_root
+from seemly.learning.artifacts import artifact_storage, artifact_uri, local_root
 from seemly.learning.data import (
     TrainingData,
     TrainingDataError,
@@ -52,7 +56,9 @@ from seemly.learning.data import (
 )
 from seemly.learning.gate import Decision, EvalMetrics, GatePolicy, decide
 from seemly.learning.policy import PolicyError, TrainingPolicy, policy_for
-from workers.presegment import _runner, ensure_ray
+from workers.presegment import _runner
+from workers.train_refiner import train_refiner
+from workers.train_sam import sam_engine, served_engine, train_sam
 from workers.train_slot import (
     MAX_ERRORS,
     Heartbeat,
@@ -63,15 +69,15 @@ from workers.train_slot import (
 
 log = logging.getLogger(__name__)
 
-ENGINE = "classic"  # the refiner is the classic engine's learned part
-REFINER_FILE = "refiner.pt"
+ENGINE = "classic"  # the refiner is the classic engine's learned part; the label model uses it too
 
 
 @dataclass
 class TrainOptions:
     """Knobs of one run beyond the project's policy; tests shrink them."""
 
-    fit: dict[str, Any] = field(default_factory=dict)  # FitConfig fields over the policy's epochs
+    # FitConfig (classic) or DecoderFitConfig (sam) fields over the policy's epochs
+    fit: dict[str, Any] = field(default_factory=dict)
     sim_max_clicks: int = 6
     sim_sessions: int = 2
     eval_max_clicks: int = 20
@@ -214,145 +220,42 @@ def _finish(
 # --------------------------------------------------------------------------------------------
 # examples, Ray Train, evaluation
 # --------------------------------------------------------------------------------------------
-def _base_engine(current: versions.VersionInfo | None, storage: Any) -> Any:
-    """The engine the project is served with now: its promoted fine-tune, or the base classic engine."""
+def _base_engine(name: str, options: dict[str, Any], storage: Any, settings: Settings | None = None) -> Any:
+    """The engine the project is served with now (see :func:`workers.train_sam.served_engine`)."""
     from seemly.engines.base import create_engine
 
-    if current is None:
+    if name == "sam":
+        return sam_engine(options["checkpoint"], storage, settings or get_settings())
+    if not options:
         return create_engine(ENGINE)
-    name, options = versions.engine_spec(current)
-    if name != ENGINE:
-        raise TrainingError(
-            f"the promoted version {current.name} is a {name!r} model; training fine-tunes the {ENGINE} "
-            "engine's refiner only"
-        )
     return create_engine(name, storage=storage, **options)
 
 
-def simulate(
-    engine: Any, pairs: Sequence[TrainingPair], options: TrainOptions
-) -> tuple[list[Any], list[dict[str, Any]]]:
-    """Refiner examples from simulated sessions of ``engine`` on ``pairs``; a failing pair is reported."""
-    from seemly.learning.examples import simulate_examples
-
-    examples: list[Any] = []
-    failed: list[dict[str, Any]] = []
-    for index, pair in enumerate(pairs):
-        rng = np.random.default_rng([options.seed, pair.image_id, index])
-        try:
-            examples += simulate_examples(
-                engine,
-                pair.image,
-                pair.gt,
-                rng=rng,
-                max_clicks=options.sim_max_clicks,
-                sessions=options.sim_sessions,
-                source=f"{pair.sha256[:12]}:{pair.key}",
-            )
-        except Exception as exc:  # one bad pair never fails the run
-            log.warning("training: simulating image %s region %s failed: %s", pair.image_id, pair.key, exc)
-            failed.append(
-                {"image_id": pair.image_id, "region": pair.key, "error": f"{type(exc).__name__}: {exc}"[:500]}
-            )
-    return examples, failed
-
-
-def train_loop(config: dict[str, Any]) -> None:
-    """Ray Train worker: fit the refiner on this worker's shard; report every epoch with a checkpoint."""
-    import ray
-    import ray.train
-    import ray.train.torch
-
-    from seemly.learning.fit import FitConfig, fit_refiner
-    from seemly.learning.refiner import LearnedRefiner
-
-    context = ray.train.get_context()
-    rank, size = context.get_world_rank(), context.get_world_size()
-    examples = ray.get(config["examples"])[rank::size]
-    init = LearnedRefiner.from_bytes(config["init"], source="parent refiner") if config.get("init") else None
-
-    def report(metrics: dict[str, Any], snapshot: LearnedRefiner) -> None:
-        if rank != 0:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as folder:
-            (Path(folder) / REFINER_FILE).write_bytes(snapshot.to_bytes())
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
-
-    fit_refiner(
-        examples,
-        FitConfig(**config["fit"]),
-        init=init,
-        prepare_model=ray.train.torch.prepare_model,
-        report=report,
-    )
-
-
-def _run_config(settings: Settings, name: str) -> Any:
-    """Checkpoints under ``<artifacts>/ray_train``: a local folder, or the S3 bucket of the artifacts."""
-    from ray.train import CheckpointConfig, RunConfig
-
-    checkpoints = CheckpointConfig(num_to_keep=1)
-    root = local_root(settings)
-    if root is not None:
-        return RunConfig(name=name, storage_path=str(root / "ray_train"), checkpoint_config=checkpoints)
-    from pyarrow import fs
-
-    bucket_prefix = artifacts_root(settings).removeprefix("s3://")
-    key = settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id else None
-    secret = settings.s3_secret_access_key.get_secret_value() if settings.s3_secret_access_key else None
-    endpoint = settings.s3_endpoint_url
-    filesystem = fs.S3FileSystem(
-        access_key=key,
-        secret_key=secret,
-        region=settings.s3_region,
-        endpoint_override=endpoint.split("://", 1)[-1] if endpoint else None,
-        scheme=endpoint.split("://", 1)[0] if endpoint and "://" in endpoint else "https",
-    )
-    return RunConfig(
-        name=name,
-        storage_path=f"{bucket_prefix}/ray_train",
-        storage_filesystem=filesystem,
-        checkpoint_config=checkpoints,
-    )
-
-
-def fit_on_ray(
-    examples: Sequence[Any],
-    fit: dict[str, Any],
-    init: bytes | None,
+def _served_now(
+    parent: versions.VersionInfo | None,
+    engine_name: str,
+    engine_options: dict[str, Any],
+    base: Any,
     settings: Settings,
-    options: TrainOptions,
-    name: str,
-) -> tuple[bytes, dict[str, Any]]:
-    """Run :func:`train_loop` on a ``TorchTrainer``; returns the final refiner's bytes and metrics."""
-    import ray
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
+) -> tuple[Any, str]:
+    """(engine, name) the gate measures the candidate against: what the project's annotators get now.
 
-    ensure_ray(settings)
-    gpus = float(ray.cluster_resources().get("GPU", 0))
-    use_gpu = options.use_gpu if options.use_gpu is not None else gpus > 0
-    workers = options.num_workers or settings.train_num_workers
-    resources: dict[str, float] = {"CPU": settings.ray_num_cpus_per_actor}
-    if use_gpu:
-        resources["GPU"] = 1.0
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"examples": ray.put(list(examples)), "fit": fit, "init": init},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=_run_config(settings, name),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise TrainingError(
-            f"Ray Train run {name} ended without a checkpoint: {result.error or 'no epoch finished'}"
-        )
-    with result.checkpoint.as_directory() as folder:
-        data = (Path(folder) / REFINER_FILE).read_bytes()
-    metrics = dict(result.metrics or {})
-    metrics.update({"workers": workers, "use_gpu": use_gpu})
-    return data, metrics
+    That is the engine training starts from, except when nothing is promoted and the project's
+    policy names another base engine than ``SEEMLY_ENGINE`` (a project opting into SAM
+    fine-tuning while the backend serves the classic engine): its first candidate must beat the
+    engine actually served, since promoting it switches the project over.
+    """
+    from seemly.engines.base import EngineError, configured_engine_spec, create_engine
+
+    if parent is not None:
+        return base, parent.name
+    name, options = configured_engine_spec(settings)
+    if (name, options.get("checkpoint")) == (engine_name, engine_options.get("checkpoint")):
+        return base, f"{engine_name} (base)"
+    try:
+        return create_engine(name, **options), f"{name} (served base)"
+    except EngineError as exc:
+        raise TrainingError(f"cannot load the served base engine {name!r} to gate against: {exc}") from None
 
 
 def _samples(pairs: Sequence[TrainingPair]) -> list[Any]:
@@ -377,6 +280,7 @@ def _register(
     db: Engine,
     job_id: int,
     project_id: int,
+    engine_name: str,
     parent: versions.VersionInfo | None,
     uri: str,
     metrics: dict[str, Any],
@@ -397,7 +301,7 @@ def _register(
         info = versions.register_candidate(
             conn,
             project_id,
-            ENGINE,
+            engine_name,
             parent_id=parent.id if parent else None,
             artifact_uri=uri,
             metrics=metrics,
@@ -539,8 +443,6 @@ def _run(
     say: Callable[[str], None],
     took_over: int | None,
 ) -> TrainingResult:
-    from seemly.engines.base import create_engine
-    from seemly.learning.refiner import LearnedRefiner
     from seemly.storage import Storage
 
     seconds: dict[str, float] = {}
@@ -561,47 +463,41 @@ def _run(
     say(f"job {job_id}: {data.summary()}")
 
     parent = versions.promoted_version(db, project_id)
-    current_engine = _base_engine(parent, artifacts)
+    engine_name, engine_options = served_engine(parent, policy, settings)
+    params["engine"] = engine_name
+    current_engine = _base_engine(engine_name, engine_options, artifacts, settings)
+    gate_engine, gate_name = _served_now(parent, engine_name, engine_options, current_engine, settings)
+    run_name = f"project-{project_id}-job-{job_id}-{os.getpid()}"
+    meta = {"project_id": project_id, "job_id": job_id, "parent": parent.name if parent else None}
     clock = time.perf_counter()
-    examples, failed = simulate(current_engine, data.train, options)
-    errors += failed
-    seconds["simulate"] = time.perf_counter() - clock
-    if not examples:
-        raise TrainingError(
-            f"project {name}: no training example could be simulated from {len(data.train)} regions "
-            f"({len(failed)} failed{', e.g. ' + failed[0]['error'] if failed else ''})"
+    if engine_name == "sam":
+        uri, train_metrics, examples = train_sam(
+            current_engine,
+            engine_options["checkpoint"],
+            data.train,
+            policy,
+            settings,
+            artifacts,
+            fit={"epochs": policy.epochs, "seed": options.seed, **options.fit},
+            num_workers=options.num_workers,
+            use_gpu=options.use_gpu,
+            name=run_name,
+            meta=meta,
+            project_id=project_id,
+            job_id=job_id,
         )
-
-    clock = time.perf_counter()
-    init = getattr(current_engine, "refiner", None)
-    fit = {
-        "epochs": policy.epochs,
-        "seed": options.seed,
-        "refiner": {"image": policy.refiner_sees_image},
-        **options.fit,
-    }
-    refiner_bytes, train_metrics = fit_on_ray(
-        examples,
-        fit,
-        init.to_bytes() if isinstance(init, LearnedRefiner) else None,
-        settings,
-        options,
-        f"project-{project_id}-job-{job_id}-{os.getpid()}",
-    )
-    seconds["fit"] = time.perf_counter() - clock
-
-    refiner = LearnedRefiner.from_bytes(refiner_bytes, source=f"job {job_id} checkpoint")
-    refiner.meta.update(
-        {"project_id": project_id, "job_id": job_id, "parent": parent.name if parent else None}
-    )
-    uri = artifact_uri(settings, project_id, job_id, REFINER_FILE)
-    refiner.save(uri, artifacts)
+        seconds["fit"] = time.perf_counter() - clock
+        candidate_engine = sam_engine(uri, artifacts, settings)  # what will be served
+    else:
+        uri, train_metrics, examples = train_refiner(
+            current_engine, data, policy, settings, options, artifacts, errors, seconds, run_name, meta, name
+        )
+        candidate_engine = _base_engine(ENGINE, {"refiner_uri": uri}, artifacts)  # what will be served
     say(f"job {job_id}: artifact {uri}")
 
     clock = time.perf_counter()
-    candidate_engine = create_engine(ENGINE, refiner_uri=uri, storage=artifacts)  # what will be served
     candidate = evaluate(candidate_engine, data.held_out, options.eval_max_clicks)
-    current = evaluate(current_engine, data.held_out, options.eval_max_clicks)
+    current = evaluate(gate_engine, data.held_out, options.eval_max_clicks)
     seconds["evaluate"] = time.perf_counter() - clock
     decision = decide(candidate, current, options.gate or policy.gate)
     say(f"job {job_id}: {decision.reason}")
@@ -609,15 +505,15 @@ def _run(
     metrics = {
         **candidate.model_dump(),
         "current": current.model_dump(),
-        "current_version": parent.name if parent else f"{ENGINE} (base)",
+        "current_version": gate_name,
         "data": data.summary(),
-        "examples": len(examples),
+        "examples": examples,
         "failed_images": len({e["image_id"] for e in errors if "image_id" in e}),
         "train": {k: v for k, v in train_metrics.items() if isinstance(v, int | float | str | bool)},
         "job_id": job_id,
         "seconds": seconds,
     }
-    version = _register(db, job_id, project_id, parent, uri, metrics, decision)
+    version = _register(db, job_id, project_id, engine_name, parent, uri, metrics, decision)
     say(f"job {job_id}: registered {version.name}{' (promoted)' if version.promoted else ''}")
 
     label_model: str | None = None

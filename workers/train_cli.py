@@ -8,8 +8,9 @@ from collections.abc import Sequence
 
 from seemly.config import Settings, get_settings
 from seemly.db.models import TrainingReason
+from seemly.engines.base import configured_engine_spec
 from seemly.learning import versions
-from workers.train import ENGINE, TrainingError, TrainOptions, resolve_project, run_training
+from workers.train import TrainingError, TrainOptions, resolve_project, run_training
 
 
 def configure(parser: argparse.ArgumentParser, words: tuple[str, ...]) -> None:
@@ -83,7 +84,8 @@ def _cli_registry(args: argparse.Namespace, command: str, settings: Settings) ->
                 print(f"project {name} now serves {info.name}")
             elif command == "rollback":
                 back = versions.rollback(db, project_id)
-                print(f"project {name} now serves {back.name if back else f'the base {ENGINE} engine'}")
+                base = configured_engine_spec(settings)[0]
+                print(f"project {name} now serves {back.name if back else f'the base {base} engine'}")
         except versions.VersionError as exc:
             raise TrainingError(str(exc)) from None
     finally:

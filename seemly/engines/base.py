@@ -130,6 +130,14 @@ def create_engine(name: str, **options: Any) -> Engine:
     return factory(**options)
 
 
+def configured_engine_spec(settings: Any) -> tuple[str, dict[str, Any]]:
+    """``(name, options)`` of the engine ``SEEMLY_ENGINE`` names: what a project with no promoted
+    version is served with (backend, bucket job, active learning and the training gate agree on it)."""
+    if settings.engine == "classic":
+        return "classic", {}
+    return settings.engine, {"checkpoint": settings.engine_checkpoint, "device": settings.device}
+
+
 def _load_builtin_engines() -> None:
     # Imported lazily so that optional heavy dependencies (segment-anything, sam2) load only when
     # asked for; an engine whose optional package is missing simply is not registered.

@@ -9,6 +9,7 @@ stored masks and Label Studio's ``model_version`` key on.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 
@@ -44,10 +45,17 @@ class VersionedEngine(Engine):
     def segment(
         self, state: ImageState, prompt_round: PromptRound, memory: Sequence[RoundResult] = ()
     ) -> list[Segment]:
-        return [self._renamed(s) for s in self.inner.segment(state, prompt_round, memory)]
+        return [self._renamed(s) for s in self.inner.segment(self._inner_state(state), prompt_round, memory)]
 
     def segment_everything(self, state: ImageState) -> list[Segment]:
-        return [self._renamed(s) for s in self.inner.segment_everything(state)]
+        return [self._renamed(s) for s in self.inner.segment_everything(self._inner_state(state))]
+
+    def _inner_state(self, state: ImageState) -> ImageState:
+        """The state as the inner engine named it: weight-based engines refuse a state embedded by
+        another model, and ours carries the version's name. ``replace`` shares the features."""
+        if state.model_version != self._version_name:
+            return state  # another model's state: let the inner engine refuse it with its own message
+        return dataclasses.replace(state, model_version=self.inner.model_version)
 
     def _renamed(self, segment: Segment) -> Segment:
         return Segment(segment.mask, segment.score, self._version_name, segment.label)

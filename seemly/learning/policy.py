@@ -1,4 +1,4 @@
-"""A project's learning-loop policy: when to train and how strict the promotion gate is.
+"""A project's learning-loop policy: when to train, what, and how strict the promotion gate is.
 
 Stored per project as JSON in ``projects.settings["training"]`` (any subset of the fields below);
 whatever a project leaves out comes from the ``SEEMLY_TRAIN_*`` settings. Validated strictly: an
@@ -8,14 +8,16 @@ because a typo in ``min_new_corrections`` would otherwise mean "never train".
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from seemly.config import Settings
 from seemly.learning.gate import GatePolicy
 
 SETTINGS_KEY = "training"
+TRAINABLE_ENGINES = ("classic", "sam")
+"""Engines whose learned part ``seemly train run`` fine-tunes: classic's refiner, SAM's mask decoder."""
 
 
 class PolicyError(ValueError):
@@ -40,6 +42,39 @@ class TrainingPolicy(BaseModel):
         description="the refiner learns from the image's colours too (what makes a one-kind-of-object "
         "project learnable; on a mixed collection it overfits, and the gate refuses the candidate)",
     )
+    base_engine: Literal["classic", "sam"] = Field(
+        default="classic",
+        description="what the project is served with while no version is promoted, and so what trains: "
+        "classic (its refiner) or sam (its mask decoder); default SEEMLY_ENGINE. A promoted version's "
+        "engine always wins.",
+    )
+    base_checkpoint: str | None = Field(
+        default=None,
+        description="the SAM weights a sam project starts from (a path, file:// or s3:// URI); default "
+        "SEEMLY_ENGINE_CHECKPOINT when SEEMLY_ENGINE is sam",
+        validate_default=True,
+    )
+
+    @field_validator("base_engine", mode="before")
+    @classmethod
+    def _trainable(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in TRAINABLE_ENGINES:
+            raise ValueError(
+                f"{value!r} cannot be fine-tuned: training fine-tunes classic (its refiner) or sam (its "
+                "mask decoder); the default is SEEMLY_ENGINE, so set training.base_engine to one of them"
+            )
+        return value
+
+    @field_validator("base_checkpoint")
+    @classmethod
+    def _sam_needs_weights(cls, value: str | None, info: ValidationInfo) -> str | None:
+        value = value.strip() or None if value is not None else None
+        if info.data.get("base_engine") == "sam" and value is None:
+            raise ValueError(
+                "base_engine sam needs base_checkpoint: the SAM weights to fine-tune (a path, file:// or "
+                "s3:// URI), or SEEMLY_ENGINE=sam with SEEMLY_ENGINE_CHECKPOINT"
+            )
+        return value
 
     @property
     def gate(self) -> GatePolicy:
@@ -55,6 +90,8 @@ def defaults(settings: Settings) -> dict[str, Any]:
         "held_out_share": settings.train_held_out_share,
         "max_images": settings.train_max_images,
         "epochs": settings.train_epochs,
+        "base_engine": settings.engine,
+        "base_checkpoint": settings.engine_checkpoint if settings.engine == "sam" else None,
     }
 
 
