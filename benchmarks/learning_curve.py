@@ -10,9 +10,12 @@ planes (``--image``, off by default on GrabCut, where it overfitted). The 50 Gra
 pool of 30 and 20 held-out *test* images nobody ever labels. Each round, the simulated annotators
 label the next ``--batch`` pool images: random order (one seeded shuffle per ``--seeds``) or active
 order (the pool images the served engine is least sure about, ``image_uncertainty`` of the
-current and the previous version), or ``weighted`` / ``hybrid`` order (``select_batch``: drawn with
-probability proportional to that uncertainty, or half most uncertain and half random; one seeded
-draw per ``--seeds``). Each labelled image becomes "corrections": training examples
+current and the previous version), or ``weighted`` / ``hybrid`` / ``diverse`` order
+(``seemly.learning.selection.select_batch``: drawn with probability proportional to that
+uncertainty; half most uncertain and half random; or uncertainty-weighted k-means++ over each
+image's appearance features, away from the images labelled so far). Every order runs once per
+``--seeds`` (seed s: the order's draw, the simulated sessions and the fits), so orders are compared
+seed by seed; the JSON's ``summary`` has the seed-mean/min/max per round. Each labelled image becomes "corrections": training examples
 from simulated click sessions of the *served* engine (``simulate_examples``), except that one
 image per batch joins a gate set instead. :func:`train_gate_promote` (the one step the full
 pipeline, ``workers.train``, replaces) fine-tunes the served refiner on all examples so far,
@@ -47,7 +50,8 @@ from seemly.learning.examples import RefineExample, simulate_examples  # noqa: E
 from seemly.learning.fit import FitConfig, fit_refiner  # noqa: E402
 from seemly.learning.gate import Decision, EvalMetrics, GatePolicy, decide  # noqa: E402
 from seemly.learning.refiner import LearnedRefiner, RefinerConfig  # noqa: E402
-from seemly.learning.uncertainty import image_uncertainty, select_batch  # noqa: E402
+from seemly.learning.selection import image_features, select_batch  # noqa: E402
+from seemly.learning.uncertainty import image_uncertainty  # noqa: E402
 
 DEFAULT_DATASET = Path("/work/shared/data/grabcut")
 
@@ -136,8 +140,10 @@ def order_active(served: Served, pool: list[Sample], seed: int) -> list[tuple[fl
     return sorted(scored, key=lambda item: (-item[0], item[1].stem))
 
 
-SAMPLED_ORDERS = ("weighted", "hybrid")  # select_batch strategies, drawn per seed
-ORDERS = ("random", "active", *SAMPLED_ORDERS)
+SAMPLED_ORDERS = ("weighted", "hybrid", "diverse")  # select_batch strategies, drawn per seed
+# auto: diverse while nothing is promoted (cold start: the untrained engine's uncertainty picks
+# outlier batches), the most uncertain (active) once a version is (as `seemly al next --strategy auto`)
+ORDERS = ("random", "active", *SAMPLED_ORDERS, "auto")
 
 
 def run_curve(
@@ -162,6 +168,9 @@ def run_curve(
     remaining = [dataset.load(stem) for stem in pool_stems]
     if order == "random":
         remaining = [remaining[i] for i in rng.permutation(len(remaining))]
+    # diverse order: appearance features, once per image (they do not depend on the model)
+    features = {s.stem: image_features(s.image) for s in remaining} if order in ("diverse", "auto") else {}
+    labelled: list[str] = []
     served = Served()
     examples: list[RefineExample] = []
     gate_samples: list[Sample] = []
@@ -171,18 +180,29 @@ def run_curve(
         if not remaining:
             break
         started = time.perf_counter()
-        if order == "active":
+        strategy = order
+        if order == "auto":
+            strategy = "diverse" if served.version == 0 else "active"
+        if strategy == "active":
             ranked = order_active(served, remaining, seed)
             chosen = [sample for _, sample in ranked[:batch]]
             uncertainty = {s.stem: round(u, 4) for u, s in ranked[:batch]}
-        elif order in SAMPLED_ORDERS:
+        elif strategy in SAMPLED_ORDERS:
             ranked = order_active(served, remaining, seed)
-            picked = select_batch([u for u, _ in ranked], batch, rng, order)
+            picked = select_batch(
+                [u for u, _ in ranked],
+                batch,
+                rng,
+                strategy,
+                features=[features[s.stem] for _, s in ranked] if features else None,
+                labelled=[features[stem] for stem in labelled] if features else None,
+            )
             chosen = [ranked[i][1] for i in picked]
             uncertainty = {ranked[i][1].stem: round(ranked[i][0], 4) for i in picked}
         else:
             chosen, uncertainty = remaining[:batch], {}
         remaining = [s for s in remaining if s.stem not in {c.stem for c in chosen}]
+        labelled += [s.stem for s in chosen]
         rank_seconds = time.perf_counter() - started
         # the last gate_per_batch images join the gate set, the others become training examples
         gate_samples.extend(chosen[-gate_per_batch:])
@@ -292,8 +312,20 @@ def plot(payload: dict[str, Any], path: Path) -> None:
         "weighted-mean": (20, 100, 20),
         "hybrid": (150, 60, 170),
         "hybrid-mean": (90, 20, 110),
+        "active-mean": (150, 50, 10),
+        "diverse": (20, 160, 170),
+        "diverse-mean": (10, 100, 110),
+        "auto": (200, 40, 140),
+        "auto-mean": (130, 10, 90),
     }
-    light_seeds = {"random": (150, 170, 230), "weighted": (150, 210, 150), "hybrid": (200, 160, 215)}
+    light_seeds = {
+        "random": (150, 170, 230),
+        "active": (240, 180, 150),
+        "weighted": (150, 210, 150),
+        "hybrid": (200, 160, 215),
+        "diverse": (150, 215, 220),
+        "auto": (235, 160, 205),
+    }
     legend = [("untrained", (120, 120, 120)), ("-20 % target", (200, 160, 160))]
     for curve in curves:
         colour = colours.get(curve["label"].split(" ")[0], (60, 160, 60))
@@ -334,6 +366,49 @@ def mean_curve(curves: list[dict[str, Any]], label: str) -> dict[str, Any]:
     return {"label": label, "points": points}
 
 
+def summarize(curves: list[dict[str, Any]], orders: list[str]) -> dict[str, Any]:
+    """Per order, per round: the seed-mean, min and max promoted test NoC@90, and the labelled images
+    each order needed until its seed-mean reached random order's final seed-mean (None: never)."""
+    table: dict[str, Any] = {}
+    for order in orders:
+        same = [c for c in curves if c.get("order") == order]
+        if not same:
+            continue
+        rounds = min(len(c["points"]) for c in same)
+        table[order] = {
+            "seeds": [c["seed"] for c in same],
+            "rounds": [
+                {
+                    "labelled": same[0]["points"][i]["labelled"],
+                    "mean": float(np.mean([c["points"][i]["noc90"] for c in same])),
+                    "min": float(min(c["points"][i]["noc90"] for c in same)),
+                    "max": float(max(c["points"][i]["noc90"] for c in same)),
+                }
+                for i in range(rounds)
+            ],
+        }
+    if "random" in table:
+        target = table["random"]["rounds"][-1]["mean"]
+        for row in table.values():
+            reached = [r["labelled"] for r in row["rounds"] if r["mean"] <= target + 1e-9]
+            row["labelled_to_reach_random_final"] = reached[0] if reached else None
+        table["random_final_mean"] = target
+    return table
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = []
+    for order, row in summary.items():
+        if not isinstance(row, dict):
+            continue
+        cells = ", ".join(
+            f"{r['labelled']}: {r['mean']:.2f} [{r['min']:.2f}-{r['max']:.2f}]" for r in row["rounds"]
+        )
+        reach = row.get("labelled_to_reach_random_final", "-")
+        lines.append(f"{order} (seeds {row['seeds']}): {cells}; reaches random's final mean at {reach}")
+    return "\n".join(lines)
+
+
 def _one_thread() -> None:
     torch.set_num_threads(1)
 
@@ -365,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         help="labelling pool size, the rest are test images (30; domain: 60)",
     )
     parser.add_argument(
-        "--seeds", type=int, default=1, help="random (and weighted, hybrid) orders to average"
+        "--seeds", type=int, default=1, help="runs per order (seeds 0..N-1: order draw, simulation, fit)"
     )
     parser.add_argument("--orders", default="random,active", help=f"comma-separated: {', '.join(ORDERS)}")
     parser.add_argument("--sessions", type=int, default=3, help="simulated sessions per labelled image")
@@ -424,11 +499,13 @@ def main(argv: list[str] | None = None) -> int:
     baseline = evaluate_engine(ClassicEngine(), test, max_clicks=args.max_clicks)
     print(f"untrained engine: test NoC@90 {baseline.noc90:.2f}, mIoU {baseline.miou_mean:.3f}", flush=True)
     orders = [o.strip() for o in args.orders.split(",") if o.strip()]
-    jobs = []
     for order in orders:
         if order not in ORDERS:
             parser.error(f"unknown order {order!r}: use {', '.join(ORDERS)}")
-        jobs += [(order, seed) for seed in range(args.seeds if order != "active" else 1)]
+    # seed-major, so that the curves done first are seed-matched across orders
+    jobs = [
+        (order, seed) for seed in range(args.seeds) for order in orders
+    ]  # active too: the seed varies training
     common = {
         "rounds": args.rounds,
         "batch": args.batch,
@@ -443,18 +520,23 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.workers > 1:
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
         context = multiprocessing.get_context("spawn")  # no fork after torch started its threads
         with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_one_thread) as pool:
             futures = [
                 pool.submit(run_curve, dataset, pool_stems, test, order=o, seed=s, **common) for o, s in jobs
             ]
+            partial = args.json.with_suffix(".partial.json")
+            for _done in as_completed(futures):  # each finished curve, in case the run is cut short
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text(json.dumps([f.result() for f in futures if f.done()], indent=1))
+            partial.unlink(missing_ok=True)
             curves = [f.result() for f in futures]
     else:
         curves = [run_curve(dataset, pool_stems, test, order=o, seed=s, **common) for o, s in jobs]
     for curve in curves:
-        multi = curve["order"] != "active" and args.seeds > 1
+        multi = args.seeds > 1
         curve["label"] = f"{curve['order']} seed {curve['seed']}" if multi else curve["order"]
     for order in orders:
         same = [c for c in curves if c.get("order") == order]
@@ -472,11 +554,13 @@ def main(argv: list[str] | None = None) -> int:
         "gate": policy.model_dump(mode="json"),
         "baseline": baseline.to_dict(rows=True),
         "curves": curves,
+        "summary": summarize(curves, orders),
         "seconds": time.perf_counter() - started,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(payload, indent=1))
     plot(payload, args.png)
+    print(format_summary(payload["summary"]), flush=True)
     print(f"done in {payload['seconds']:.0f} s: {args.json}, {args.png}", flush=True)
     return 0
 

@@ -27,9 +27,10 @@ from seemly.db.jobs import create_job
 from seemly.db.models import JobItem, MaskSource, ModelVersion, PromptSession, Uncertainty
 from seemly.db.registry import ensure_project
 from seemly.learning import versions
+from seemly.learning.selection import FEATURE_SIZE, image_features, select_batch
 from seemly.masks import Mask
 from seemly.storage import path_to_uri
-from workers.active_learning import next_tasks, rank
+from workers.active_learning import ActiveLearningError, next_tasks, rank
 from workers.ls_predictions import prediction_score, uncertainty_by_uri
 
 PROJECT = "al-test"
@@ -170,7 +171,8 @@ def test_rank_orders_by_uncertainty_skips_labelled_and_counts_failures(
     assert set(rows) == {ids["clear"], ids["ambiguous"], ids["session-only"]}  # labelled and failed: none
     assert rows[ids["ambiguous"]][1] > rows[ids["clear"]][1] + 0.2
     assert rows[ids["ambiguous"]][3] == 42 and rows[ids["clear"]][3] is None
-    assert set(rows[ids["ambiguous"]][4]) == {"score", "instability"}
+    assert set(rows[ids["ambiguous"]][4]) == {"score", "instability", "ambiguity", "features"}
+    assert len(rows[ids["ambiguous"]][4]["features"]) == FEATURE_SIZE  # for next --strategy diverse
     with postgres_db.connect() as conn:
         base_id = conn.execute(select(ModelVersion.id).where(ModelVersion.name == "classic-1")).scalar_one()
     assert {r[2] for r in rows.values()} == {base_id}
@@ -264,3 +266,208 @@ def test_al_next_command_and_prediction_score(
     assert prediction_score([0.9, 0.5], found.get(scene.uris["ambiguous"])) == pytest.approx(0.3)
     assert prediction_score([0.9, 0.5], None) == pytest.approx(0.7)
     assert prediction_score([], None) is None
+
+
+# --------------------------------------------------------------------------------------------
+# the diverse strategy (pure: no database, no Ray)
+# --------------------------------------------------------------------------------------------
+def _two_clusters(per: int = 6) -> np.ndarray:
+    """Two tight clusters of ``per`` feature rows each, far apart."""
+    rng = np.random.default_rng(0)
+    near = rng.normal(0.0, 0.01, (per, 3))
+    return np.vstack([near, near + np.array([5.0, -3.0, 2.0])])
+
+
+def test_diverse_batch_takes_from_both_clusters() -> None:
+    features = _two_clusters()
+    scores = [0.9] * 6 + [0.2] * 6  # the first cluster is the more uncertain one
+    for seed in range(50):
+        picked = select_batch(scores, 2, np.random.default_rng(seed), "diverse", features=features)
+        assert {i // 6 for i in picked} == {0, 1}, (seed, picked)
+    # top-k would take both from the first cluster
+    assert {i // 6 for i in select_batch(scores, 2, np.random.default_rng(0), "top")} == {0}
+
+
+def test_diverse_avoids_what_is_labelled_already() -> None:
+    features = _two_clusters()
+    labelled = features[:1] + 0.001  # an image like those of the first cluster is labelled
+    for seed in range(30):
+        picked = select_batch(
+            [0.5] * 12, 1, np.random.default_rng(seed), "diverse", features=features, labelled=labelled
+        )
+        assert picked[0] >= 6
+
+
+def test_diverse_is_seeded_sized_and_handles_ties_and_zero_scores() -> None:
+    features = np.random.default_rng(1).random((9, 4))
+    scores = [0.3, 0.3, 0.3, 0.7, 0.0, 0.1, 0.3, 0.5, 0.3]  # ties and a zero
+    for k in (0, 1, 5, 9, 20):  # k above the pool size: the whole pool, once each
+        picked = select_batch(scores, k, np.random.default_rng(7), "diverse", features=features)
+        assert len(picked) == len(set(picked)) == min(k, 9)
+        assert picked == select_batch(scores, k, np.random.default_rng(7), "diverse", features=features)
+    # all scores zero: plain k-means++ seeding over the features, still distinct and seeded
+    zero = select_batch([0.0] * 9, 4, np.random.default_rng(3), "diverse", features=features)
+    assert len(set(zero)) == 4
+    assert zero == select_batch([0.0] * 9, 4, np.random.default_rng(3), "diverse", features=features)
+    # identical features everywhere: nothing to spread over, the batch is still k distinct images
+    same = select_batch(scores, 5, np.random.default_rng(3), "diverse", features=np.ones((9, 4)))
+    assert len(set(same)) == 5
+    # different seeds give different batches
+    batches = {
+        tuple(sorted(select_batch(scores, 3, np.random.default_rng(s), "diverse", features=features)))
+        for s in range(20)
+    }
+    assert len(batches) > 1
+
+
+def test_diverse_refuses_missing_or_misshapen_features() -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="needs features"):
+        select_batch([0.1, 0.2], 1, rng, "diverse")
+    with pytest.raises(ValueError, match="one row per candidate"):
+        select_batch([0.1, 0.2], 1, rng, "diverse", features=np.ones((3, 2)))
+    with pytest.raises(ValueError, match="columns"):
+        select_batch([0.1, 0.2], 1, rng, "diverse", features=np.ones((2, 2)), labelled=np.ones((1, 3)))
+    with pytest.raises(ValueError, match="finite"):
+        select_batch([0.1, 0.2], 1, rng, "diverse", features=[[0.0, float("nan")], [1.0, 1.0]])
+
+
+def test_image_features_are_cheap_deterministic_and_tell_images_apart() -> None:
+    def decode(data: bytes) -> np.ndarray:
+        return np.asarray(PILImage.open(io.BytesIO(data)).convert("RGB"))
+
+    clear, shifted, noise = decode(clear_image()), decode(clear_image(shift=3)), decode(ambiguous_image())
+    a = image_features(clear)
+    assert a.shape == (FEATURE_SIZE,) and np.all(np.isfinite(a))
+    assert np.array_equal(a, image_features(clear.copy()))
+    assert np.linalg.norm(a - image_features(shifted)) < np.linalg.norm(a - image_features(noise))
+    assert image_features(np.zeros((300, 500), np.uint8)).shape == (FEATURE_SIZE,)  # grey, large
+    with pytest.raises(ValueError, match="expected an H x W"):
+        image_features(np.zeros((1, 5, 3), np.uint8))
+
+
+# --------------------------------------------------------------------------------------------
+# al next --strategy
+# --------------------------------------------------------------------------------------------
+def _ranked_rows(scene: Scene, db: Engine, with_features: bool = True) -> None:
+    """Uncertainty rows as `al rank` writes them: two look-alike uncertain images and a different one."""
+    features = {
+        "clear": image_features(np.asarray(PILImage.open(scene.images / "clear.png").convert("RGB"))),
+        "session-only": image_features(
+            np.asarray(PILImage.open(scene.images / "session-only.png").convert("RGB"))
+        ),
+        "ambiguous": image_features(np.asarray(PILImage.open(scene.images / "ambiguous.png").convert("RGB"))),
+    }
+    scores = {"clear": 0.6, "session-only": 0.55, "ambiguous": 0.2}
+    with db.begin() as conn:
+        conn.execute(
+            Uncertainty.__table__.insert(),
+            [
+                {
+                    "project_id": scene.project_id,
+                    "image_id": scene.ids[name],
+                    "score": score,
+                    "ls_task_id": 43 if name == "session-only" else None,
+                    "components": {"instability": score}
+                    | ({"features": [float(v) for v in features[name]]} if with_features else {}),
+                }
+                for name, score in scores.items()
+            ],
+        )
+
+
+def test_al_next_strategies(
+    scene: Scene, postgres_db: Engine, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _ranked_rows(scene, postgres_db)
+    top = next_tasks(postgres_db, scene.project_id, 2)
+    assert [t.uri for t in top] == [scene.uris["clear"], scene.uris["session-only"]]  # the two look-alikes
+    assert top[0].components == {"instability": 0.6}  # features are not a component
+    # diverse: never both look-alikes (the clear disc, and the same disc shifted by 5 px)
+    for seed in range(10):
+        picked = next_tasks(postgres_db, scene.project_id, 2, strategy="diverse", seed=seed)
+        assert scene.uris["ambiguous"] in {t.uri for t in picked}
+        assert [t.rank for t in picked] == [1, 2] and picked[0].uncertainty >= picked[1].uncertainty
+    weighted = next_tasks(postgres_db, scene.project_id, 5, strategy="weighted", seed=1)
+    assert sorted(t.uri for t in weighted) == sorted(
+        scene.uris[n] for n in ("clear", "session-only", "ambiguous")
+    )
+    with pytest.raises(ActiveLearningError, match="unknown strategy"):
+        next_tasks(postgres_db, scene.project_id, 2, strategy="random")
+
+    monkeypatch.setenv("SEEMLY_DATABASE_URL", scene.settings.database_url)
+    get_settings.cache_clear()
+    try:
+        assert (
+            cli.main(
+                [
+                    "al",
+                    "next",
+                    "--project",
+                    PROJECT,
+                    "-n",
+                    "2",
+                    "--strategy",
+                    "diverse",
+                    "--seed",
+                    "3",
+                    "--json",
+                ]
+            )
+            == 0
+        )
+        listed = json.loads(capsys.readouterr().out)
+        assert len(listed) == 2 and scene.uris["ambiguous"] in {t["uri"] for t in listed}
+        with pytest.raises(SystemExit):  # argparse: the choices are listed on stderr
+            cli.main(["al", "next", "--project", PROJECT, "--strategy", "best"])
+        assert "invalid choice" in capsys.readouterr().err
+    finally:
+        get_settings.cache_clear()
+
+
+def test_al_next_auto_is_diverse_until_a_version_is_promoted_then_top(
+    scene: Scene, postgres_db: Engine
+) -> None:
+    _ranked_rows(scene, postgres_db)
+
+    def uris(strategy: str, seed: int) -> list[str | None]:
+        return [t.uri for t in next_tasks(postgres_db, scene.project_id, 2, strategy=strategy, seed=seed)]
+
+    # cold start (nothing promoted): a spread batch, exactly diverse's draw
+    for seed in range(5):
+        assert uris("auto", seed) == uris("diverse", seed)
+        assert scene.uris["ambiguous"] in uris("auto", seed)
+    candidate = versions.register_candidate(
+        postgres_db, scene.project_id, "classic", parent_id=None, artifact_uri=None
+    )
+    versions.promote(postgres_db, candidate.id)
+    # a trained version serves the project: the most uncertain, the look-alikes included
+    assert uris("auto", 0) == uris("top", 0) == [scene.uris["clear"], scene.uris["session-only"]]
+
+
+def test_al_next_diverse_needs_features_from_a_recent_rank(scene: Scene, postgres_db: Engine) -> None:
+    _ranked_rows(scene, postgres_db, with_features=False)
+    assert len(next_tasks(postgres_db, scene.project_id, 2, strategy="weighted")) == 2  # needs no features
+    with pytest.raises(ActiveLearningError, match="run `seemly al rank` again"):
+        next_tasks(postgres_db, scene.project_id, 2, strategy="diverse")
+
+
+def test_uncertainty_probes_the_guessed_objects_and_survives_engines_without_proposals() -> None:
+    from seemly.engines.classic import ClassicEngine
+    from seemly.learning.uncertainty import image_uncertainty
+
+    image = np.asarray(PILImage.open(io.BytesIO(clear_image())).convert("RGB"))
+    engine = ClassicEngine()
+    found = image_uncertainty([engine], image, "clear")
+    assert set(found.components) == {"score", "instability", "ambiguity"}
+    assert found == image_uncertainty([engine], image, "clear")  # seeded: reproducible
+    centre_only = image_uncertainty([engine], image, "clear", proposals=None)
+    assert set(centre_only.components) == {"score", "instability"}
+
+    class NoProposals(ClassicEngine):
+        def segment_everything(self, state: object) -> list:  # type: ignore[override]
+            raise NotImplementedError
+
+    assert "ambiguity" in image_uncertainty([NoProposals()], image, "clear").components
+    with pytest.raises(ValueError, match="proposals must be between 0 and 16"):
+        image_uncertainty([engine], image, "clear", proposals=17)

@@ -229,7 +229,7 @@ def test_uncertainty_is_higher_for_an_ambiguous_image() -> None:
     u_clear = image_uncertainty([engine], clear.image, "clear")
     u_ambiguous = image_uncertainty([engine], ambiguous, "ambiguous")
     assert 0.0 <= u_clear.score <= 1.0 and 0.0 <= u_ambiguous.score <= 1.0
-    assert set(u_clear.components) == {"score", "instability"}
+    assert set(u_clear.components) == {"score", "instability", "ambiguity"}
     assert u_ambiguous.score > u_clear.score
     # two versions: disagreement joins the components
     both = image_uncertainty([engine, engine], clear.image, "clear")
@@ -260,7 +260,7 @@ def test_learning_curve_split_and_plot(tmp_path: Path) -> None:
             for label in ("weighted seed 0", "weighted seed 1", "weighted-mean")
         ],
     }
-    assert module.ORDERS == ("random", "active", "weighted", "hybrid")
+    assert module.ORDERS == ("random", "active", "weighted", "hybrid", "diverse", "auto")
     module.plot(payload, tmp_path / "curve.png")
     from PIL import Image
 

@@ -3,7 +3,7 @@
 ::
 
     seemly al rank --project P [--actors N] [--batch-size 4] [--seed 0]
-    seemly al next --project P [-n 10] [--json]
+    seemly al next --project P [-n 10] [--strategy top|weighted|hybrid|diverse|auto] [--seed 0] [--json]
 
 ``rank`` scores every image the project knows (bucket-job items, stored masks, interactive
 sessions) that no human has labelled yet (no correction, no annotation mask) with
@@ -16,8 +16,13 @@ Ray Data, as :mod:`workers.presegment` does: the image list flows through an act
 An image that cannot be read or decoded is a counted failure with its message; the others go on.
 Rows of images labelled since the last run are deleted.
 
-``next`` lists the most uncertain unlabelled images (Label Studio task id when known, image URI,
-uncertainty) for the annotation queue. Label Studio itself orders tasks by prediction score: the
+``rank`` also stores each image's appearance features (:func:`seemly.learning.selection.image_features`,
+under ``components["features"]``), so ``next`` can choose a batch that is not made of look-alikes.
+
+``next`` lists the unlabelled images to annotate next (Label Studio task id when known, image URI,
+uncertainty): by default the most uncertain (``top``), or a batch chosen by another strategy of
+:func:`seemly.learning.selection.select_batch` (``--strategy``, seeded by ``--seed``), listed most
+uncertain first. Label Studio itself orders tasks by prediction score: the
 predictions :mod:`workers.ls_predictions` imports carry ``score = 1 - uncertainty`` (docs/learning.md).
 """
 
@@ -53,14 +58,20 @@ from seemly.db.models import Mask as MaskRow
 from seemly.db.registry import ensure_model_version
 from seemly.db.session import make_engine
 from seemly.learning import versions
+from seemly.learning.selection import STRATEGIES, select_batch
 from seemly.learning.versions import VersionInfo
 from seemly.storage import Storage
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 4
+# auto: diverse while the project has no promoted version (the untrained engine's uncertainty picks
+# outlier batches: the cold start), the most uncertain once it has one (docs/learning.md)
+CHOICES = (*STRATEGIES, "auto")
+DEFAULT_STRATEGY = "top"  # what `al next` lists unless --strategy says otherwise (docs/learning.md)
 MAX_ERRORS_KEPT = 50
 HUMAN_SOURCES = (MaskSource.ANNOTATION.value, MaskSource.CORRECTION.value)
+FEATURES_KEY = "features"  # in an uncertainty row's components: image_features, for --strategy diverse
 
 
 class ActiveLearningError(Exception):
@@ -194,9 +205,10 @@ class UncertaintyScorer:
             out["version"].append(self.engines[0].model_version)
         return out
 
-    def _one(self, sha256: str, uri: str) -> tuple[float, dict[str, float], str]:
+    def _one(self, sha256: str, uri: str) -> tuple[float, dict[str, Any], str]:
         from seemly.engines.base import EngineError
         from seemly.images import ImageError, decode_image
+        from seemly.learning.selection import image_features
         from seemly.learning.uncertainty import image_uncertainty
         from seemly.storage import StorageError
 
@@ -206,13 +218,15 @@ class UncertaintyScorer:
             if decoded.sha256 != sha256:
                 return float("nan"), {}, f"{uri}: the content changed since it was registered"
             found = image_uncertainty(self.engines, decoded.array, decoded.sha256, seed=self.spec.seed)
+            features = [round(float(v), 6) for v in image_features(decoded.array)]
         except (StorageError, ImageError, EngineError, ValueError, OSError) as exc:
             message = str(exc)
             return float("nan"), {}, (message if uri in message else f"{uri}: {message}")[:500]
         except Exception as exc:  # a bug: counted and reported, never stops the other images
             log.exception("uncertainty of %s failed", uri)
             return float("nan"), {}, f"{uri}: internal error: {type(exc).__name__}: {exc}"[:500]
-        return found.score, {k: round(float(v), 6) for k, v in found.components.items()}, ""
+        components: dict[str, Any] = {k: round(float(v), 6) for k, v in found.components.items()}
+        return found.score, {**components, FEATURES_KEY: features}, ""
 
 
 def _base_spec(settings: Settings) -> tuple[str, dict[str, Any]]:
@@ -422,24 +436,55 @@ class NextTask:
     components: dict[str, float]
 
 
-def next_tasks(db: Engine, project_id: int, count: int = 10) -> list[NextTask]:
-    """The ``count`` most uncertain images of the project that nobody has labelled yet."""
+def next_tasks(
+    db: Engine, project_id: int, count: int = 10, *, strategy: str = "top", seed: int = 0
+) -> list[NextTask]:
+    """The ``count`` unlabelled images of the project to label next, most uncertain first.
+
+    ``top``: the most uncertain (in SQL, whatever the project's size). The other strategies of
+    :func:`select_batch` read every ranked unlabelled image's score (and features) and draw the
+    batch with ``numpy.random.default_rng(seed)``."""
     if count < 1:
         raise ActiveLearningError("the number of tasks must be at least 1")
+    if strategy not in CHOICES:
+        raise ActiveLearningError(f"unknown strategy {strategy!r}: use one of {', '.join(CHOICES)}")
+    if strategy == "auto":
+        strategy = "diverse" if versions.promoted_version(db, project_id) is None else "top"
     table, names = Uncertainty.__table__, ModelVersion.__table__
+    query = (
+        select(table.c.ls_task_id, _uri_of(table.c.image_id), table.c.score, names.c.name, table.c.components)
+        .outerjoin(names, names.c.id == table.c.model_version_id)
+        .where(and_(table.c.project_id == project_id, table.c.image_id.not_in(labelled_images(project_id))))
+        .order_by(table.c.score.desc(), table.c.image_id)
+    )
     with db.connect() as conn:
-        rows = conn.execute(
-            select(
-                table.c.ls_task_id, _uri_of(table.c.image_id), table.c.score, names.c.name, table.c.components
-            )
-            .outerjoin(names, names.c.id == table.c.model_version_id)
-            .where(
-                and_(table.c.project_id == project_id, table.c.image_id.not_in(labelled_images(project_id)))
-            )
-            .order_by(table.c.score.desc(), table.c.image_id)
-            .limit(count)
-        ).all()
-    return [NextTask(i + 1, r[0], r[1], float(r[2]), r[3], dict(r[4] or {})) for i, r in enumerate(rows)]
+        rows = conn.execute(query.limit(count) if strategy == "top" else query).all()
+    if strategy != "top" and rows:
+        features = None
+        if strategy == "diverse":
+            stored = [(r[4] or {}).get(FEATURES_KEY) for r in rows]
+            missing = sum(1 for f in stored if not f)
+            if missing or len({len(f) for f in stored}) > 1:
+                raise ActiveLearningError(
+                    f"{missing or 'some'} ranked images have no (or older) appearance features: "
+                    "run `seemly al rank` again before --strategy diverse"
+                )
+            features = stored
+        picked = select_batch(
+            [float(r[2]) for r in rows], count, np.random.default_rng(seed), strategy, features=features
+        )
+        rows = [rows[i] for i in sorted(picked)]  # rows are most uncertain first
+    return [
+        NextTask(
+            i + 1,
+            r[0],
+            r[1],
+            float(r[2]),
+            r[3],
+            {k: float(v) for k, v in (r[4] or {}).items() if k != FEATURES_KEY},
+        )
+        for i, r in enumerate(rows)
+    ]
 
 
 def format_table(tasks: Sequence[NextTask]) -> str:
@@ -463,6 +508,13 @@ def configure(parser: argparse.ArgumentParser, words: tuple[str, ...]) -> None:
         parser.add_argument("--seed", type=int, default=0, help="seed of the probe prompts' jitter")
     else:
         parser.add_argument("-n", type=int, default=10, help="how many tasks (default 10)")
+        parser.add_argument(
+            "--strategy",
+            choices=CHOICES,
+            default=DEFAULT_STRATEGY,
+            help=f"how the batch is chosen (default {DEFAULT_STRATEGY}; docs/learning.md#active-learning)",
+        )
+        parser.add_argument("--seed", type=int, default=0, help="seed of the sampled strategies")
         parser.add_argument("--json", action="store_true", help="JSON instead of a table")
 
 
@@ -485,7 +537,9 @@ def run(args: argparse.Namespace, words: tuple[str, ...]) -> int:
             raise ActiveLearningError("-n must be at least 1")
         db = make_engine(settings.database_url)
         try:
-            tasks = next_tasks(db, resolve_project(db, args.project), args.n)
+            tasks = next_tasks(
+                db, resolve_project(db, args.project), args.n, strategy=args.strategy, seed=args.seed
+            )
         finally:
             db.dispose()
     except ActiveLearningError as exc:

@@ -2,29 +2,37 @@
 
 Nobody has clicked on the image, so the image is probed with the prompts an annotator would start
 with: a box around the centre of the image and a click at its centre, each jittered a few times
-(seeded, so a ranking is reproducible). Three cues, each in [0, 1], higher = less sure:
+(seeded, so a ranking is reproducible), and one click on each object the engine guesses is there
+(the deepest point of its answer to the centre box and of its best segment-everything regions:
+where an annotator's first click on that object would go). Four cues, each in [0, 1], higher =
+less sure:
 
 * ``score``: 1 - the mean score the engine gives its own top answers;
-* ``instability``: 1 - the mean pairwise IoU of the answers to the jittered prompts (an object
-  with a clear outline comes out the same however the box is drawn);
+* ``instability``: 1 - the mean pairwise IoU of the answers to the jittered centre prompts (an
+  object with a clear outline comes out the same however the box is drawn);
+* ``ambiguity``: 1 - the IoU of the best two answers to each click on a guessed object (part or
+  whole?), averaged; the cue that predicted the clicks an image needs (docs/benchmarks.md);
 * ``disagreement``: 1 - the mean IoU between the first and the second engine's answers to the same
   prompts (the current and the previous model version), when two engines are given.
 
-The score is their weighted mean (the disagreement's weight is dropped with one engine).
+The score is their weighted mean (``WEIGHTS``; the weights of absent cues are dropped).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
-from seemly.engines.base import Engine
+from seemly.engines.base import Engine, EngineError, ImageState, Segment
+from seemly.learning.selection import STRATEGIES, select_batch  # noqa: F401  (re-exported: older imports)
 from seemly.masks import Mask
 from seemly.prompts import Box, Click, PromptRound
 
-WEIGHTS = {"score": 0.3, "instability": 0.5, "disagreement": 0.4}
+WEIGHTS = {"score": 0.3, "instability": 0.2, "ambiguity": 0.5, "disagreement": 0.4}
 
 
 @dataclass(frozen=True)
@@ -55,9 +63,36 @@ def probe_prompts(height: int, width: int, *, seed: int = 0, count: int = 3) -> 
     return rounds
 
 
-def _answers(engine: Engine, image: np.ndarray, sha256: str, rounds: Sequence[PromptRound]) -> list:
-    state = engine.embed(image, sha256)
-    return [engine.segment(state, r)[0] for r in rounds]
+def _deepest_point(mask: np.ndarray) -> tuple[int, int] | None:
+    """The interior pixel farthest from the mask's boundary (the image border counts as boundary):
+    where the benchmark's simulated annotator, after RITM, puts the first click on an object."""
+    if not mask.any():
+        return None
+    distance = cv2.distanceTransform(np.pad(mask.astype(np.uint8), 1), cv2.DIST_L2, 0)[1:-1, 1:-1]
+    row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    return int(row), int(col)
+
+
+def object_probes(
+    engine: Engine, state: ImageState, guesses: Sequence[Mask], proposals: int
+) -> list[PromptRound]:
+    """One positive click at the deepest point of each object the engine guesses is there: its
+    answer to the centre box (``guesses``) and its ``proposals`` best segment-everything regions.
+
+    Why: the centre probes often miss the object altogether, so their answers say little about the
+    clicks an annotator will make; a click on the object does."""
+    masks = list(guesses)
+    if proposals > 0:
+        # an engine without proposals: the centre box's answer alone
+        with contextlib.suppress(EngineError, NotImplementedError):
+            masks += [s.mask for s in engine.segment_everything(state)[:proposals]]
+    rounds, seen = [], set()
+    for mask in masks:
+        point = _deepest_point(mask.data)
+        if point is not None and point not in seen:
+            seen.add(point)
+            rounds.append(PromptRound(prompts=[Click(x=point[1] + 0.5, y=point[0] + 0.5, positive=True)]))
+    return rounds
 
 
 def _mean_pairwise_iou(masks: Sequence[Mask]) -> float:
@@ -65,8 +100,19 @@ def _mean_pairwise_iou(masks: Sequence[Mask]) -> float:
     return float(np.mean(values)) if values else 1.0
 
 
+def _ambiguity(candidates: Sequence[Segment]) -> float:
+    """1 - IoU of the best two answers to one click (part or whole?); 0 for a single answer."""
+    return 1.0 - candidates[0].mask.iou(candidates[1].mask) if len(candidates) > 1 else 0.0
+
+
 def image_uncertainty(
-    engines: Sequence[Engine], image: np.ndarray, sha256: str, *, seed: int = 0, probes: int = 3
+    engines: Sequence[Engine],
+    image: np.ndarray,
+    sha256: str,
+    *,
+    seed: int = 0,
+    probes: int = 3,
+    proposals: int | None = 2,
 ) -> Uncertainty:
     """Uncertainty of ``engines[0]`` (the served model) on ``image``; ``engines[1]``, if given, is
     the version it is compared with."""
@@ -80,61 +126,30 @@ def image_uncertainty(
     height, width = image.shape[:2]
     if not 2 <= probes <= 16:
         raise ValueError("probes must be between 2 and 16 (jittered boxes, and as many clicks)")
+    if proposals is not None and not 0 <= proposals <= 16:
+        raise ValueError("proposals must be between 0 and 16, or None (no clicks on guessed objects)")
     rounds = probe_prompts(height, width, seed=seed, count=probes)
-    current = _answers(engines[0], image, sha256, rounds)
-    boxes, clicks = current[: len(rounds) // 2], current[len(rounds) // 2 :]
-    scores = [float(np.clip(s.score, 0.0, 1.0)) for s in current]
+    served = engines[0]
+    state = served.embed(image, sha256)
+    answers = [served.segment(state, r) for r in rounds]
+    clicks = [] if proposals is None else object_probes(served, state, [answers[0][0].mask], proposals)
+    click_answers = [served.segment(state, r) for r in clicks]
+    tops = [a[0] for a in answers + click_answers]
+    boxes, centre = tops[:probes], tops[probes : 2 * probes]
     components = {
-        "score": 1.0 - float(np.mean(scores)),
+        "score": 1.0 - float(np.mean([np.clip(t.score, 0.0, 1.0) for t in tops])),
         # boxes with boxes and clicks with clicks: a click may rightly pick a part of the boxed object
         "instability": 1.0
-        - 0.5 * (_mean_pairwise_iou([s.mask for s in boxes]) + _mean_pairwise_iou([s.mask for s in clicks])),
+        - 0.5 * (_mean_pairwise_iou([t.mask for t in boxes]) + _mean_pairwise_iou([t.mask for t in centre])),
     }
+    if proposals is not None:
+        components["ambiguity"] = float(np.mean([_ambiguity(a) for a in click_answers])) if clicks else 0.0
     if len(engines) == 2:
-        other = _answers(engines[1], image, sha256, rounds)
+        other_state = engines[1].embed(image, sha256)
+        other = [engines[1].segment(other_state, r)[0] for r in rounds + clicks]
         components["disagreement"] = 1.0 - float(
-            np.mean([a.mask.iou(b.mask) for a, b in zip(current, other, strict=True)])
+            np.mean([a.mask.iou(b.mask) for a, b in zip(tops, other, strict=True)])
         )
     total = sum(WEIGHTS[k] for k in components)
     score = sum(WEIGHTS[k] * v for k, v in components.items()) / total
     return Uncertainty(float(np.clip(score, 0.0, 1.0)), components)
-
-
-STRATEGIES = ("top", "weighted", "hybrid")
-
-
-def select_batch(
-    scores: Sequence[float], k: int, rng: np.random.Generator, strategy: str = "weighted"
-) -> list[int]:
-    """Indices of the ``k`` images to label next, given each candidate's uncertainty.
-
-    * ``top``: the ``k`` most uncertain, most uncertain first. Greedy: it takes the outliers first
-      and a batch of near-duplicates of one hard case.
-    * ``weighted``: ``k`` drawn without replacement with probability proportional to the uncertainty
-      (Efraimidis-Spirakis keys ``u ** (1 / w)``), so hard images are likelier but the batch still
-      spreads over the pool.
-    * ``hybrid``: the ``ceil(k / 2)`` most uncertain plus the rest uniformly from the others.
-
-    ``weighted`` and ``hybrid`` return the batch in random order, so that any position of it (the
-    benchmark's gate image is the last) is a uniform draw from the batch, as in random order.
-    """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}")
-    values = np.asarray(scores, dtype=float)
-    if values.ndim != 1 or not np.all(np.isfinite(values)) or np.any(values < 0):
-        raise ValueError("scores must be finite, non-negative numbers")
-    if k < 0:
-        raise ValueError(f"k must be >= 0, got {k}")
-    k = min(k, len(values))
-    top = sorted(range(len(values)), key=lambda i: (-values[i], i))
-    if strategy == "top":
-        return top[:k]
-    if strategy == "weighted":
-        weights = np.maximum(values, 1e-9)  # all-zero scores degrade to a uniform draw
-        keys = np.log(rng.random(len(values)) + 1e-300) / weights  # log of u ** (1 / w): no underflow
-        picked = [int(i) for i in np.argsort(-keys, kind="stable")[:k]]
-    else:
-        head = top[: (k + 1) // 2]
-        rest = top[(k + 1) // 2 :]
-        picked = head + [rest[int(i)] for i in rng.choice(len(rest), size=k - len(head), replace=False)]
-    return [picked[int(i)] for i in rng.permutation(len(picked))]
