@@ -154,6 +154,9 @@ class Settings(BaseSettings):
     train_gate_miou_tolerance: float = Field(
         default=0.01, ge=0, le=1, description="Promote only if held-out mIoU falls by at most this."
     )
+    train_gate_min_images: int = Field(
+        default=3, ge=1, description="Promote only when the gate measured at least this many held-out images."
+    )
     train_held_out_share: float = Field(
         default=0.2, gt=0, lt=1, description="Share of a project's images held out for the gate."
     )

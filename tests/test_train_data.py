@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from seemly.config import Settings
 from seemly.db import models as db
 from seemly.learning.data import (
     TrainingDataError,
@@ -151,6 +152,23 @@ def test_gate_refuses_a_worse_or_not_better_enough_candidate(candidate: EvalMetr
     decision = decide(candidate, m(4.0, 0.89, failures=0), GatePolicy(noc_margin=0.1, miou_tolerance=0.01))
     assert not decision.promote
     assert decision.reason.startswith("keep current:") and why in decision.reason
+
+
+def test_gate_refuses_to_promote_on_too_few_held_out_images() -> None:
+    policy = GatePolicy(noc_margin=0.1, miou_tolerance=0.01, min_images=3)
+    better = EvalMetrics(noc90=2.0, miou=0.95, images=2)
+    decision = decide(better, EvalMetrics(noc90=4.0, miou=0.85, images=2), policy)
+    assert not decision.promote
+    assert "measured on 2 held-out images, fewer than the 3 a promotion needs" in decision.reason
+    enough = decide(
+        better.model_copy(update={"images": 3}), m(4.0, 0.85).model_copy(update={"images": 3}), policy
+    )
+    assert enough.promote
+    settings = Settings(database_url="sqlite://")
+    assert policy_for({}, settings).gate.min_images == 3  # SEEMLY_TRAIN_GATE_MIN_IMAGES
+    assert policy_for({"training": {"gate_min_images": 1}}, settings).gate.min_images == 1
+    with pytest.raises(PolicyError, match="gate_min_images"):
+        policy_for({"training": {"gate_min_images": 0}}, settings)
 
 
 def test_gate_from_an_evaluation_result_uses_mean_miou() -> None:

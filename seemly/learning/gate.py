@@ -8,7 +8,10 @@ promotion changes every annotator's masks at once:
   current NoC, e.g. 0.05 = 5 % fewer) below the current version's, and at least ``min_noc_gain``
   clicks fewer in absolute terms (so a tiny NoC cannot promote on noise);
 * its mIoU may not fall more than ``miou_tolerance`` below the current one's;
-* it may not fail (never reach 90 % IoU within the click budget) on more held-out images.
+* it may not fail (never reach 90 % IoU within the click budget) on more held-out images;
+* the comparison must rest on at least ``min_images`` held-out images: on one or two images a
+  candidate that costs clicks elsewhere passes by chance (the learning-curve benchmark saw one-image
+  gates promote candidates that needed 2.5x the clicks on the test images).
 
 The decision, its reason and the deltas are stored in ``model_versions.decision``.
 """
@@ -54,6 +57,7 @@ class GatePolicy(BaseModel):
     min_noc_gain: float = Field(default=0.0, ge=0)
     miou_tolerance: float = Field(default=0.01, ge=0, le=1)
     allow_more_failures: bool = False
+    min_images: int = Field(default=1, ge=1)
 
 
 class Decision(BaseModel):
@@ -85,6 +89,11 @@ def decide(candidate: EvalMetrics, current: EvalMetrics, policy: GatePolicy | No
     gain = current.noc90 - candidate.noc90
     summary = f"NoC@90 {current.noc90:.2f} -> {candidate.noc90:.2f}, mIoU {current.miou:.3f} -> {candidate.miou:.3f}"
     problems: list[str] = []
+    measured_on = min(candidate.images, current.images)
+    if measured_on < policy.min_images:
+        problems.append(
+            f"measured on {measured_on} held-out images, fewer than the {policy.min_images} a promotion needs"
+        )
     if gain < needed:
         problems.append(f"needs at least {needed:.2f} fewer clicks, got {gain:+.2f}")
     if deltas["miou"] < -policy.miou_tolerance:

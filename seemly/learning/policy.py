@@ -34,6 +34,7 @@ class TrainingPolicy(BaseModel):
     interval_s: float = Field(gt=0, description="train this long after the last run, if new data came")
     gate_noc_margin: float = Field(ge=-1, le=1, description="required NoC@90 drop, share of current")
     gate_miou_tolerance: float = Field(ge=0, le=1, description="allowed mIoU drop")
+    gate_min_images: int = Field(ge=1, description="promote only on at least this many held-out images")
     held_out_share: float = Field(gt=0, lt=1, description="share of images held out for the gate")
     max_images: int = Field(ge=2, description="learn from at most the newest N images")
     epochs: int = Field(ge=1, le=1000, description="epochs of one fine-tuning round")
@@ -78,7 +79,11 @@ class TrainingPolicy(BaseModel):
 
     @property
     def gate(self) -> GatePolicy:
-        return GatePolicy(noc_margin=self.gate_noc_margin, miou_tolerance=self.gate_miou_tolerance)
+        return GatePolicy(
+            noc_margin=self.gate_noc_margin,
+            miou_tolerance=self.gate_miou_tolerance,
+            min_images=self.gate_min_images,
+        )
 
 
 def defaults(settings: Settings) -> dict[str, Any]:
@@ -87,6 +92,7 @@ def defaults(settings: Settings) -> dict[str, Any]:
         "interval_s": settings.train_interval_s,
         "gate_noc_margin": settings.train_gate_noc_margin,
         "gate_miou_tolerance": settings.train_gate_miou_tolerance,
+        "gate_min_images": settings.train_gate_min_images,
         "held_out_share": settings.train_held_out_share,
         "max_images": settings.train_max_images,
         "epochs": settings.train_epochs,
