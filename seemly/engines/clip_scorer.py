@@ -24,6 +24,7 @@ architecture before loading: nothing is downloaded from a model hub.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import threading
@@ -46,9 +47,28 @@ class ClipUnavailableError(EngineError):
     """``open_clip`` is not installed, or the model or its checkpoint does not load."""
 
 
-def _import_open_clip() -> Any:
-    from seemly.engines.torchvision_compat import ensure_torchvision
+# what open_clip.hf_model imports from transformers
+_TRANSFORMERS_MODULES = (
+    "transformers.configuration_utils",
+    "transformers.modeling_outputs",
+    "transformers.models.auto.configuration_auto",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+)
 
+
+def _import_open_clip() -> Any:
+    from seemly.engines.torchvision_compat import ensure_torchvision, shim_hidden
+
+    with shim_hidden():
+        # open_clip imports transformers (for HF text towers) when it is installed: let transformers
+        # load while torchvision is absent, or it takes the shim for torchvision and breaks for the
+        # whole process (sentence-transformers' text-label model included)
+        for name in _TRANSFORMERS_MODULES:
+            try:
+                importlib.import_module(name)
+            except ImportError:  # not installed (open_clip works without it) or not importable here
+                break
     ensure_torchvision()
     try:
         import open_clip

@@ -37,11 +37,14 @@ Rules
   raises ``ImportError`` naming this module, ``import torchvision.models`` raises
   ``ModuleNotFoundError``. Install the real torchvision for other uses.
 * ``torchvision.__seemly_shim__`` is ``True`` on the shim (see :func:`is_shim`).
+* ``transformers`` must not see it (it takes an importable torchvision for the whole library):
+  code that loads a transformers model does so under :func:`shim_hidden`.
 
 This module deliberately has no ``from __future__ import annotations``: ``sam2`` compiles the
 transforms with ``torch.jit.script``, which reads their annotations.
 """
 
+import contextlib
 import enum
 import importlib
 import importlib.machinery
@@ -50,7 +53,7 @@ import logging
 import sys
 import threading
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -598,6 +601,29 @@ def is_shim(module: Any = None) -> bool:
     """Whether ``module`` (default: the imported ``torchvision``, if any) is this shim."""
     module = module if module is not None else sys.modules.get("torchvision")
     return bool(getattr(module, "__seemly_shim__", False))
+
+
+@contextlib.contextmanager
+def shim_hidden() -> Iterator[None]:
+    """Within the block, ``torchvision`` is absent again (if the shim is what is there).
+
+    For code that must not mistake the shim for torchvision: ``transformers`` (sentence-transformers'
+    backbone) treats an importable ``torchvision`` as the whole library and imports ``torchvision.io``
+    and more, which the shim does not have. Holds the shim's lock, so no engine installs the shim
+    meanwhile; the same module objects are put back afterwards (SAM's imports keep working).
+    """
+    with _LOCK:
+        saved = (
+            {n: m for n, m in sys.modules.items() if n == "torchvision" or n.startswith("torchvision.")}
+            if is_shim()
+            else {}
+        )
+        for name in saved:
+            del sys.modules[name]
+        try:
+            yield
+        finally:
+            sys.modules.update(saved)
 
 
 def _purge() -> None:
