@@ -442,6 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seeds", type=int, default=1, help="runs per order (seeds 0..N-1: order draw, simulation, fit)"
     )
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds first-seed .. first-seed+N-1 (more seeds in a later run)",
+    )
     parser.add_argument("--orders", default="random,active", help=f"comma-separated: {', '.join(ORDERS)}")
     parser.add_argument("--sessions", type=int, default=3, help="simulated sessions per labelled image")
     parser.add_argument("--epochs", type=int, default=4)
@@ -504,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown order {order!r}: use {', '.join(ORDERS)}")
     # seed-major, so that the curves done first are seed-matched across orders
     jobs = [
-        (order, seed) for seed in range(args.seeds) for order in orders
+        (order, seed) for seed in range(args.first_seed, args.first_seed + args.seeds) for order in orders
     ]  # active too: the seed varies training
     common = {
         "rounds": args.rounds,
