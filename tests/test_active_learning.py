@@ -240,7 +240,10 @@ def test_al_next_command_and_prediction_score(
     monkeypatch.setenv("SEEMLY_DATABASE_URL", scene.settings.database_url)
     get_settings.cache_clear()
     try:
-        assert cli.main(["al", "next", "--project", PROJECT, "-n", "5", "--json"]) == 0
+        # no promoted version and rows without features: the default (auto -> diverse) says what to do
+        assert cli.main(["al", "next", "--project", PROJECT, "-n", "5"]) == 2
+        assert "run `seemly al rank` again" in capsys.readouterr().err
+        assert cli.main(["al", "next", "--project", PROJECT, "-n", "5", "--strategy", "top", "--json"]) == 0
         listed = json.loads(capsys.readouterr().out)
         assert [(t["rank"], t["ls_task_id"], t["uri"], t["uncertainty"]) for t in listed] == [
             (1, 42, scene.uris["ambiguous"], 0.7),
@@ -248,7 +251,9 @@ def test_al_next_command_and_prediction_score(
         ]
         assert listed[0]["components"] == {"instability": 0.9}
 
-        assert cli.main(["al", "next", "--project", str(scene.project_id), "-n", "1"]) == 0
+        assert (
+            cli.main(["al", "next", "--project", str(scene.project_id), "-n", "1", "--strategy", "top"]) == 0
+        )
         out = capsys.readouterr().out.splitlines()
         assert out[0].split() == ["rank", "task", "uncertainty", "image"]
         assert out[1].split() == ["1", "42", "0.700", scene.uris["ambiguous"]] and len(out) == 2

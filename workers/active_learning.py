@@ -68,7 +68,7 @@ DEFAULT_BATCH_SIZE = 4
 # auto: diverse while the project has no promoted version (the untrained engine's uncertainty picks
 # outlier batches: the cold start), the most uncertain once it has one (docs/learning.md)
 CHOICES = (*STRATEGIES, "auto")
-DEFAULT_STRATEGY = "top"  # what `al next` lists unless --strategy says otherwise (docs/learning.md)
+DEFAULT_STRATEGY = "auto"  # what `al next` lists unless --strategy says otherwise (docs/learning.md)
 MAX_ERRORS_KEPT = 50
 HUMAN_SOURCES = (MaskSource.ANNOTATION.value, MaskSource.CORRECTION.value)
 FEATURES_KEY = "features"  # in an uncertainty row's components: image_features, for --strategy diverse
