@@ -32,16 +32,9 @@ def test_bad_arguments() -> None:
 
 
 def test_learning_curve_opens_the_domain_dataset() -> None:
-    import importlib.util
-    import sys
-    from pathlib import Path
+    from tests.fixtures.benchmarks import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "learning_curve.py"
-    spec = importlib.util.spec_from_file_location("learning_curve", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["learning_curve"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = load_benchmark("learning_curve")
     dataset = module.open_dataset("domain", 4)
     assert dataset.stems == [f"beetle{i:04d}" for i in range(4)]
     sample = dataset.load("beetle0002")

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from tests.fixtures.benchmarks import load_benchmark
+
 
 @pytest.fixture(scope="module")
 def curve_module() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "learning_curve.py"
-    spec = importlib.util.spec_from_file_location("learning_curve", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["learning_curve"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("learning_curve")
 
 
 def _curve(order: str, seed: int, nocs: list[float]) -> dict:

@@ -8,7 +8,6 @@ is systematically too tight and a refiner has something real to learn.
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -239,14 +238,9 @@ def test_uncertainty_is_higher_for_an_ambiguous_image() -> None:
 
 
 def test_learning_curve_split_and_plot(tmp_path: Path) -> None:
-    import importlib.util
+    from tests.fixtures.benchmarks import load_benchmark
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "learning_curve.py"
-    spec = importlib.util.spec_from_file_location("learning_curve", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["learning_curve"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
+    module = load_benchmark("learning_curve")
     stems = [f"img{i}" for i in range(10)]
     pool, test = module.split(stems, 6)
     assert (pool, test) == module.split(list(reversed(stems)), 6)
