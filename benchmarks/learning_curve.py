@@ -304,33 +304,20 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     draw.line([at(0, base), at(x_max, base)], fill=(120, 120, 120), width=1)
     target = base * 0.8
     draw.line([at(0, target), at(x_max, target)], fill=(200, 160, 160), width=1)
-    colours = {
-        "random": (40, 90, 200),
-        "active": (220, 80, 30),
-        "random-mean": (20, 40, 120),
-        "weighted": (60, 160, 60),
-        "weighted-mean": (20, 100, 20),
-        "hybrid": (150, 60, 170),
-        "hybrid-mean": (90, 20, 110),
-        "active-mean": (150, 50, 10),
-        "diverse": (20, 160, 170),
-        "diverse-mean": (10, 100, 110),
-        "auto": (200, 40, 140),
-        "auto-mean": (130, 10, 90),
-    }
-    light_seeds = {
-        "random": (150, 170, 230),
-        "active": (240, 180, 150),
-        "weighted": (150, 210, 150),
-        "hybrid": (200, 160, 215),
-        "diverse": (150, 215, 220),
-        "auto": (235, 160, 205),
+    # per order: its line, its seed-mean line, its single-seed lines
+    shades = {
+        "random": ((40, 90, 200), (20, 40, 120), (150, 170, 230)),
+        "active": ((220, 80, 30), (150, 50, 10), (240, 180, 150)),
+        "weighted": ((60, 160, 60), (20, 100, 20), (150, 210, 150)),
+        "hybrid": ((150, 60, 170), (90, 20, 110), (200, 160, 215)),
+        "diverse": ((20, 160, 170), (10, 100, 110), (150, 215, 220)),
+        "auto": ((200, 40, 140), (130, 10, 90), (235, 160, 205)),
     }
     legend = [("untrained", (120, 120, 120)), ("-20 % target", (200, 160, 160))]
     for curve in curves:
-        colour = colours.get(curve["label"].split(" ")[0], (60, 160, 60))
-        if " seed " in curve["label"]:
-            colour = light_seeds.get(curve["label"].split(" ")[0], colour)
+        order = curve["label"].split(" ")[0]
+        line, mean, seed = shades.get(order.removesuffix("-mean"), ((60, 160, 60),) * 3)
+        colour = mean if order.endswith("-mean") else seed if " seed " in curve["label"] else line
         pts = [at(p["labelled"], p["noc90"]) for p in curve["points"]]
         draw.line(pts, fill=colour, width=3 if "seed" not in curve["label"] else 1)
         for px, py in pts:

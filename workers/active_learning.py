@@ -57,6 +57,7 @@ from seemly.db.models import (
 from seemly.db.models import Mask as MaskRow
 from seemly.db.registry import ensure_model_version
 from seemly.db.session import make_engine
+from seemly.engines.base import configured_engine_spec
 from seemly.learning import versions
 from seemly.learning.selection import STRATEGIES, select_batch
 from seemly.learning.versions import VersionInfo
@@ -229,12 +230,6 @@ class UncertaintyScorer:
         return found.score, {**components, FEATURES_KEY: features}, ""
 
 
-def _base_spec(settings: Settings) -> tuple[str, dict[str, Any]]:
-    if settings.engine == "classic":
-        return "classic", {}
-    return settings.engine, {"checkpoint": settings.engine_checkpoint, "device": settings.device}
-
-
 def compared_engines(db: Engine, project_id: int) -> tuple[VersionInfo | None, ...]:
     """The served version, and the one it replaced (its parent, else the base engine) if any."""
     current = versions.promoted_version(db, project_id)
@@ -305,7 +300,7 @@ def rank(
         project_id = resolve_project(db, project)
         report = RankReport(project_id=project_id)
         engines = compared_engines(db, project_id)
-        base_name, base_options = _base_spec(settings)
+        base_name, base_options = configured_engine_spec(settings)
         report.compared_with = (
             None if len(engines) < 2 else (engines[1].name if engines[1] else "base engine")
         )
